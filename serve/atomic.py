@@ -1,0 +1,72 @@
+"""Atomic writes: an output is either complete or absent, never half-written.
+
+A file goes to a temporary sibling and is renamed over the target (``os.replace`` is atomic within one
+file system, POSIX). A folder is built as a hidden sibling and renamed into place at the end; on failure
+the partial folder is removed and an existing target is left untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically.
+
+    Args:
+        path: target file; its parent folder is created if missing.
+        text: the whole new content.
+        mode: optional permission bits for the new file (e.g. ``0o600`` for secrets).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path, *, replace: bool = False) -> Iterator[Path]:
+    """Build a folder in a temporary sibling and move it to ``target`` when the block succeeds.
+
+    Args:
+        target: the final folder.
+        replace: when ``target`` exists, swap it out for the new one (the old one is deleted only after
+            the new one is in place); when False an existing target raises ``FileExistsError``.
+
+    Yields:
+        The temporary folder to fill (same file system as ``target``).
+
+    Raises:
+        FileExistsError: ``target`` exists and ``replace`` is False.
+    """
+    if target.exists() and not replace:
+        raise FileExistsError(f"{target} already exists")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+    try:
+        yield staging
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+            os.replace(target, retired / target.name)
+            os.replace(staging, target)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
