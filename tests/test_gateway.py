@@ -1,0 +1,304 @@
+"""The gateway against a fake upstream: auth, allowlist, limits, error mapping, streaming, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from aiohttp import web
+
+from serve.supervisor import free_port
+
+_HEAD = b'data: {"id":"c1","object":"chat.completion.chunk","model":"m","choices":'
+CHUNKS = [
+    _HEAD + b'[{"index":0,"delta":{"content":"Hel"}}]}\n\n',
+    _HEAD + b'[{"index":0,"delta":{"content":"lo"},"finish_reason":"stop"}]}\n\n',
+    _HEAD + b'[],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}\n\n',
+    b"data: [DONE]\n\n",
+]
+VLLM_404 = (
+    b'{"error":{"message":"The model `missing` does not exist.",'
+    b'"type":"NotFoundError","param":"model","code":404}}'
+)
+
+
+def fake_vllm() -> tuple[web.Application, dict[str, Any]]:
+    """A stand-in for vLLM's HTTP surface, recording what reached it."""
+    seen: dict[str, Any] = {"paths": [], "disconnected": asyncio.Event(), "headers": []}
+
+    async def record(request: web.Request) -> None:
+        seen["paths"].append(request.path)
+        seen["headers"].append(dict(request.headers))
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def models(request: web.Request) -> web.Response:
+        await record(request)
+        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await record(request)
+        body = await request.json()
+        if body.get("model") == "missing":
+            return web.Response(status=404, body=VLLM_404, content_type="application/json")
+        if not body.get("stream"):
+            return web.json_response(
+                {
+                    "id": "c1",
+                    "object": "chat.completion",
+                    "model": "m",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "Hello"},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+                }
+            )
+        response = web.StreamResponse(headers={"content-type": "text/event-stream; charset=utf-8"})
+        await response.prepare(request)
+        mode = body.get("mode")
+        if mode == "slow":
+            try:
+                for _ in range(400):
+                    await response.write(CHUNKS[0])
+                    await asyncio.sleep(0.025)
+            except (ConnectionResetError, asyncio.CancelledError):
+                seen["disconnected"].set()
+                raise
+            return response
+        for i, chunk in enumerate(CHUNKS):
+            if mode == "break" and i == 2:
+                # Die mid-stream: the chunked body never completes.
+                assert request.transport is not None
+                request.transport.abort()
+                return response
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    async def anything(request: web.Request) -> web.Response:
+        await record(request)
+        return web.json_response({"reached": request.path})
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_route("*", "/{tail:.*}", anything)
+    return app, seen
+
+
+@pytest.fixture
+def upstream(serve_aiohttp):
+    app, seen = fake_vllm()
+    server = serve_aiohttp(app)
+    return server, seen
+
+
+def test_requests_without_a_valid_key_get_401_in_the_openai_envelope(upstream, gateway_factory):
+    server, seen = upstream
+    gateway, key = gateway_factory(server.url)
+    for headers in (
+        {},
+        {"authorization": "Bearer sk-kit-00000000_nope"},
+        {"x-api-key": key + "x"},
+        {"authorization": "Basic " + key},
+    ):
+        reply = httpx.get(gateway.url + "/v1/models", headers=headers)
+        assert reply.status_code == 401, headers
+        assert reply.json()["error"]["code"] == "invalid_api_key"
+        assert reply.json()["error"]["type"] == "invalid_request_error"
+    assert seen["paths"] == []
+    assert (
+        httpx.get(gateway.url + "/v1/models", headers={"authorization": f"Bearer {key}"}).status_code == 200
+    )
+    assert httpx.get(gateway.url + "/v1/models", headers={"x-api-key": key}).status_code == 200
+
+
+def test_the_gateway_key_is_not_forwarded_upstream(upstream, gateway_factory):
+    server, seen = upstream
+    gateway, key = gateway_factory(server.url, upstream_api_key="upstream-secret")
+    httpx.get(gateway.url + "/v1/models", headers={"authorization": f"Bearer {key}"})
+    assert seen["headers"][-1]["Authorization"] == "Bearer upstream-secret"
+    assert key not in json.dumps(seen["headers"])
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/invocations"),
+        ("POST", "/v1/load_lora_adapter"),
+        ("POST", "/v1/unload_lora_adapter"),
+        ("POST", "/pause"),
+        ("POST", "/update_weights"),
+        ("POST", "/tokenize"),
+        ("GET", "/docs"),
+        ("GET", "/openapi.json"),
+        ("GET", "/v1/models/../../invocations"),
+        ("POST", "/inference/v1/generate"),
+    ],
+)
+def test_every_path_outside_the_allowlist_is_404_even_with_a_key(upstream, gateway_factory, method, path):
+    server, seen = upstream
+    gateway, key = gateway_factory(server.url)
+    reply = httpx.request(method, gateway.url + path, headers={"authorization": f"Bearer {key}"}, json={})
+    assert reply.status_code == 404
+    assert reply.json()["error"]["code"] == "not_found"
+    assert seen["paths"] == []
+
+
+def test_wrong_method_on_an_allowed_path_is_405_json(upstream, gateway_factory):
+    server, _ = upstream
+    gateway, key = gateway_factory(server.url)
+    reply = httpx.get(gateway.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"})
+    assert reply.status_code == 405
+    assert reply.json()["error"]["code"] == "method_not_allowed"
+
+
+def test_bodies_over_the_limit_get_413_json_declared_or_chunked(upstream, gateway_factory):
+    server, seen = upstream
+    gateway, key = gateway_factory(server.url, max_body_bytes=1024)
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    big = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 2048}]}).encode()
+    declared = httpx.post(gateway.url + "/v1/chat/completions", content=big, headers=headers)
+    assert declared.status_code == 413
+    assert declared.json()["error"]["code"] == "request_too_large"
+
+    def chunked():
+        yield big[:600]
+        yield big[600:]
+
+    streamed = httpx.post(gateway.url + "/v1/chat/completions", content=chunked(), headers=headers)
+    assert streamed.status_code == 413
+    assert streamed.headers["content-type"] == "application/json"
+    assert seen["paths"] == []
+
+
+def test_upstream_down_is_503_with_retry_after(gateway_factory):
+    gateway, key = gateway_factory(f"http://127.0.0.1:{free_port()}", retry_after_s=7)
+    reply = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        headers={"authorization": f"Bearer {key}"},
+        json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert reply.status_code == 503
+    assert reply.headers["retry-after"] == "7"
+    assert reply.json()["error"]["code"] == "upstream_unavailable"
+    ready = httpx.get(gateway.url + "/readyz")
+    assert ready.status_code == 503
+    assert ready.headers["retry-after"] == "7"
+
+
+def test_upstream_error_bodies_pass_through_unchanged(upstream, gateway_factory):
+    server, _ = upstream
+    gateway, key = gateway_factory(server.url)
+    reply = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        headers={"authorization": f"Bearer {key}"},
+        json={"model": "missing", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert reply.status_code == 404
+    assert reply.content == VLLM_404
+
+
+def test_streams_are_forwarded_byte_for_byte_and_tokens_counted(upstream, gateway_factory):
+    server, _ = upstream
+    gateway, key = gateway_factory(server.url)
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/chat/completions",
+        headers={"authorization": f"Bearer {key}"},
+        json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+    ) as reply:
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        body = b"".join(reply.iter_raw())
+    assert body == b"".join(CHUNKS)
+    httpx.post(
+        gateway.url + "/v1/chat/completions",
+        headers={"authorization": f"Bearer {key}"},
+        json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    metrics = httpx.get(gateway.url + "/metrics").text
+    assert 'kit_gateway_tokens_total{model="m",type="prompt"} 12.0' in metrics
+    assert 'kit_gateway_tokens_total{model="m",type="completion"} 3.0' in metrics
+    assert 'kit_gateway_requests_total{route="/v1/chat/completions",status="200"} 2.0' in metrics
+
+
+def test_a_stream_that_breaks_upstream_ends_with_an_error_event_not_done(upstream, gateway_factory):
+    server, _ = upstream
+    gateway, key = gateway_factory(server.url)
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/chat/completions",
+        headers={"authorization": f"Bearer {key}"},
+        json={"model": "m", "stream": True, "mode": "break", "messages": [{"role": "user", "content": "hi"}]},
+    ) as reply:
+        body = b"".join(reply.iter_raw())
+    assert body.startswith(CHUNKS[0] + CHUNKS[1])
+    assert b"[DONE]" not in body
+    last = json.loads(body.strip().split(b"\n\n")[-1].removeprefix(b"data: "))
+    assert last["error"]["type"] == "upstream_error"
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.APIError):
+        for _ in client.chat.completions.create(
+            model="m", stream=True, messages=[{"role": "user", "content": "hi"}], extra_body={"mode": "break"}
+        ):
+            pass
+
+
+def test_client_disconnect_closes_the_upstream_stream(upstream, gateway_factory):
+    server, seen = upstream
+    gateway, key = gateway_factory(server.url)
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/chat/completions",
+        headers={"authorization": f"Bearer {key}"},
+        json={"model": "m", "stream": True, "mode": "slow", "messages": [{"role": "user", "content": "hi"}]},
+    ) as reply:
+        next(reply.iter_raw())
+    deadline = time.monotonic() + 5
+    while not seen["disconnected"].is_set():
+        assert time.monotonic() < deadline, "the upstream stream was still open 5 s after the client left"
+        time.sleep(0.05)
+
+
+def test_access_log_has_request_id_and_key_name_but_no_prompt_or_key(upstream, gateway_factory, caplog):
+    server, _ = upstream
+    gateway, key = gateway_factory(server.url)
+    with caplog.at_level(logging.INFO, logger="serve.gateway.access"):
+        reply = httpx.post(
+            gateway.url + "/v1/chat/completions",
+            headers={"authorization": f"Bearer {key}", "x-request-id": "req-123"},
+            json={"model": "m", "messages": [{"role": "user", "content": "my secret prompt"}]},
+        )
+        generated = httpx.get(gateway.url + "/healthz")
+    assert reply.headers["x-request-id"] == "req-123"
+    assert len(generated.headers["x-request-id"]) == 32
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "serve.gateway.access"]
+    entry = next(line for line in lines if line["request_id"] == "req-123")
+    assert entry["key"] == "tester" and entry["model"] == "m" and entry["status"] == 200
+    text = caplog.text
+    assert "my secret prompt" not in text
+    assert key not in text
+
+
+def test_readyz_requires_the_served_model(upstream, gateway_factory):
+    server, _ = upstream
+    ready, _ = gateway_factory(server.url, served_model_names=["m"])
+    assert ready.url and httpx.get(ready.url + "/readyz").json() == {"status": "ready", "models": ["m"]}
+    waiting, _ = gateway_factory(server.url, served_model_names=["other"])
+    reply = httpx.get(waiting.url + "/readyz")
+    assert reply.status_code == 503
+    assert reply.json()["error"]["code"] == "model_not_loaded"
+    assert httpx.get(waiting.url + "/healthz").status_code == 200
