@@ -19,7 +19,6 @@ import copy
 import hashlib
 import importlib.util
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -190,21 +189,7 @@ def build(gguf: Path, staging: Path, manifest: dict[str, Any]) -> dict[str, Any]
         "eos_token_id": eos_id,
     }
     (staging / MANIFEST).write_text(json.dumps(written, indent=2) + "\n", encoding="utf-8")
-    make_readable(staging)
     return written
-
-
-def make_readable(folder: Path) -> None:
-    """Give a staged folder the usual umask-based modes (temp folders and files are created 0700/0600).
-
-    Args:
-        folder: folder whose own mode and whose files' modes are reset.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def answer(model_dir: Path, question: str, max_new_tokens: int = 32) -> str:
@@ -253,6 +238,14 @@ def check(model_dir: Path) -> str:
     return text
 
 
+def quiet_transformers() -> None:
+    """Turn off transformers' progress bars and info logs (the GGUF dequantization bar is plain tqdm)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parse the command line.
 
@@ -298,11 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-        from transformers.utils import logging as hf_logging
-
         from serve.atomic import atomic_dir
 
-        hf_logging.disable_progress_bar()
+        quiet_transformers()
         print(f"building {out} from {gguf} ...")
         started = time.monotonic()
         try:
@@ -315,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"built {out} in {time.monotonic() - started:.1f} s ({size / 1e6:.1f} MB)")
 
     if args.check:
+        quiet_transformers()
         print(f"check: {CHECK_QUESTION!r}")
         try:
             text = check(out)

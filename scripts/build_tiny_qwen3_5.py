@@ -9,7 +9,8 @@ embeddings, a padded vocabulary), shrunk to a few MB so tests can serve and fine
 - vision: 1 block of hidden 32;
 - ``mtp.*``: the 15 tensors of vLLM's ``Qwen3_5MultiTokenPredictor`` (transformers writes none);
 - tokenizer: a byte-level BPE trained on a small fixed corpus, Qwen's special tokens, and the chat template
-  ``scripts/assets/qwen3_5_chat_template.jinja``.
+  ``scripts/assets/qwen3_5_chat_template.jinja``;
+- image / video processor configs, so vLLM also serves it without ``--language-model-only`` (images work).
 
 Weights are random (seed 0): the model serves and trains but answers nonsense. Idempotent: ``kit-build.json``
 records a hash of this script, the template and the config; a second run with the same inputs prints "up to
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -111,6 +111,19 @@ VISION_CONFIG: dict[str, Any] = {
     "temporal_patch_size": 2,
     "num_position_embeddings": 256,
     "deepstack_visual_indexes": [],
+}
+# Image and video preprocessing as in Qwen3-VL / Qwen3.5 (patch 16, temporal patch 2, merge 2, mean/std 0.5).
+IMAGE_PROCESSOR: dict[str, Any] = {
+    "patch_size": VISION_CONFIG["patch_size"],
+    "temporal_patch_size": VISION_CONFIG["temporal_patch_size"],
+    "merge_size": VISION_CONFIG["spatial_merge_size"],
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "size": {"shortest_edge": 65_536, "longest_edge": 16_777_216},
+}
+VIDEO_PROCESSOR: dict[str, Any] = {
+    **IMAGE_PROCESSOR,
+    "size": {"shortest_edge": 4096, "longest_edge": 25_165_824},
 }
 GENERATION_CONFIG: dict[str, Any] = {
     # The real model's sampling preset; eos / pad ids are filled in from the tokenizer.
@@ -203,6 +216,8 @@ def inputs_manifest(template: str) -> dict[str, Any]:
                 "text": TEXT_CONFIG,
                 "vision": VISION_CONFIG,
                 "generation": GENERATION_CONFIG,
+                "image_processor": IMAGE_PROCESSOR,
+                "video_processor": VIDEO_PROCESSOR,
                 "tokens": ADDED_TOKENS,
             },
             sort_keys=True,
@@ -426,7 +441,12 @@ def build(staging: Path, template: str, manifest: dict[str, Any]) -> dict[str, A
     import tokenizers
     import torch
     import transformers
-    from transformers import GenerationConfig, Qwen3_5ForConditionalGeneration
+    from transformers import (
+        GenerationConfig,
+        Qwen2VLImageProcessor,
+        Qwen3_5ForConditionalGeneration,
+        Qwen3VLVideoProcessor,
+    )
 
     tokenizer = train_tokenizer(template)
     config = build_config(tokenizer)
@@ -439,6 +459,8 @@ def build(staging: Path, template: str, manifest: dict[str, Any]) -> dict[str, A
     )
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
+    Qwen2VLImageProcessor(**IMAGE_PROCESSOR).save_pretrained(staging)  # preprocessor_config.json
+    Qwen3VLVideoProcessor(**VIDEO_PROCESSOR).save_pretrained(staging)  # video_preprocessor_config.json
 
     weights_file = staging / "model.safetensors"
     if not weights_file.is_file():
@@ -462,21 +484,7 @@ def build(staging: Path, template: str, manifest: dict[str, Any]) -> dict[str, A
         "tokenizers_version": tokenizers.__version__,
     }
     (staging / MANIFEST).write_text(json.dumps(written, indent=2) + "\n", encoding="utf-8")
-    make_readable(staging)
     return written
-
-
-def make_readable(folder: Path) -> None:
-    """Give a staged folder the usual umask-based modes (temp folders and files are created 0700/0600).
-
-    Args:
-        folder: folder whose own mode and whose files' modes are reset.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def assistant_mask_check(tokenizer: Any) -> tuple[int, str]:
@@ -531,7 +539,7 @@ def verify(folder: Path) -> dict[str, Any]:
     """
     import safetensors
     import torch
-    from transformers import AutoTokenizer, Qwen3_5ForConditionalGeneration
+    from transformers import AutoProcessor, AutoTokenizer, Qwen3_5ForConditionalGeneration
 
     with safetensors.safe_open(folder / "model.safetensors", framework="pt") as handle:
         keys = list(handle.keys())
@@ -544,7 +552,13 @@ def verify(folder: Path) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if type(tokenizer).__name__ != "Qwen3_5Tokenizer" or tokenizer.chat_template != read_template():
         raise BuildError(f"tokenizer reloads as {type(tokenizer).__name__} or without the chat template")
+    sample = CORPUS[:400] + " Größe, 東京, emoji 😀, tabs\tand  spaces."
+    if tokenizer.decode(tokenizer.encode(sample)) != sample:
+        raise BuildError("the tokenizer does not round-trip text")
     mask_tokens, _ = assistant_mask_check(tokenizer)
+    processor = AutoProcessor.from_pretrained(folder)
+    if type(processor).__name__ != "Qwen3VLProcessor":
+        raise BuildError(f"the processor loads as {type(processor).__name__}, expected Qwen3VLProcessor")
 
     model = Qwen3_5ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
     if model.get_input_embeddings().weight.shape[0] != VOCAB_SIZE:

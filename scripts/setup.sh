@@ -8,7 +8,8 @@
 # Knobs (environment), all optional:
 #   PYTHON        interpreter for the venv (3.11+; default python3)
 #   VENV          venv folder (default .venv)
-#   FIND_LINKS    folder or URL with extra wheels, e.g. the torch==2.13.0+cpu wheel (default: $PIP_FIND_LINKS)
+#   FIND_LINKS    folder or URL with extra wheels, e.g. the torch==2.13.0+cpu wheel
+#                 (default: $PIP_FIND_LINKS, else pip's configured find-links)
 #   TORCH_INDEX   index with torch +cpu builds, used on CPU when FIND_LINKS has no torch wheel
 #                 (default https://download.pytorch.org/whl/cpu)
 #   UV_VERSION    uv release used to install (default 0.13.9)
@@ -18,7 +19,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 UV_VERSION=${UV_VERSION:-0.13.9}
-FIND_LINKS=${FIND_LINKS:-${PIP_FIND_LINKS:-}}
+# uv does not read pip's configuration: take its find-links from the environment or pip's config file.
+FIND_LINKS=${FIND_LINKS:-${PIP_FIND_LINKS:-$("$PYTHON" -m pip config get global.find-links 2>/dev/null || true)}}
 TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
 
 if [ -z "${VLLM_BUILD:-}" ]; then

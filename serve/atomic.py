@@ -21,7 +21,7 @@ def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
     Args:
         path: target file; its parent folder is created if missing.
         text: the whole new content.
-        mode: optional permission bits for the new file (e.g. ``0o600`` for secrets).
+        mode: permission bits for the new file (e.g. ``0o600`` for secrets); default from the umask.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -30,13 +30,27 @@ def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
+        os.chmod(tmp, mode if mode is not None else 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_modes(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes a plain ``mkdir``/``open`` would have given
+    (``mkdtemp``/``mkstemp`` create 0700/0600, which would make a shared model folder unreadable)."""
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
@@ -60,6 +74,7 @@ def atomic_dir(target: Path, *, replace: bool = False) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
     try:
         yield staging
+        _usual_modes(staging)
         if target.exists():
             retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
             os.replace(target, retired / target.name)

@@ -1,0 +1,66 @@
+"""The tiny random-weight Qwen3.6 architecture on real vLLM (CPU) behind the gateway: OpenAI chat,
+Anthropic messages and Responses, streamed and not. Random weights say nothing sensible, so these
+tests check protocol shape, not content."""
+
+from __future__ import annotations
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+
+
+def test_chat_completions_with_and_without_thinking(qwen3_5_tiny):
+    client = openai.OpenAI(base_url=qwen3_5_tiny.gateway + "/v1", api_key=qwen3_5_tiny.key, max_retries=0)
+    for thinking in (True, False):
+        reply = client.chat.completions.create(
+            model=qwen3_5_tiny.model,
+            messages=MESSAGES,
+            max_tokens=8,
+            temperature=0,
+            extra_body={"chat_template_kwargs": {"enable_thinking": thinking}},
+        )
+        assert reply.choices[0].finish_reason in {"length", "stop"}
+        assert reply.usage.completion_tokens > 0
+
+
+def test_chat_stream(qwen3_5_tiny):
+    client = openai.OpenAI(base_url=qwen3_5_tiny.gateway + "/v1", api_key=qwen3_5_tiny.key, max_retries=0)
+    stream = client.chat.completions.create(
+        model=qwen3_5_tiny.model, messages=MESSAGES, max_tokens=8, temperature=0, stream=True
+    )
+    finishes = [c.choices[0].finish_reason for c in stream if c.choices]
+    assert finishes[-1] in {"length", "stop"}
+    assert len(finishes) > 2
+
+
+def test_anthropic_messages_and_stream_and_count_tokens(qwen3_5_tiny):
+    client = anthropic.Anthropic(base_url=qwen3_5_tiny.gateway, api_key=qwen3_5_tiny.key, max_retries=0)
+    message = client.messages.create(model=qwen3_5_tiny.model, max_tokens=8, messages=MESSAGES)
+    assert message.role == "assistant" and message.usage.output_tokens > 0
+    with client.messages.stream(model=qwen3_5_tiny.model, max_tokens=8, messages=MESSAGES) as stream:
+        events = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert events[0] == "message_start" and "message_stop" in events
+    assert final.usage.output_tokens > 0
+    counted = client.messages.count_tokens(model=qwen3_5_tiny.model, messages=MESSAGES)
+    assert counted.input_tokens > 0
+    metrics = httpx.get(qwen3_5_tiny.gateway + "/metrics").text
+    assert f'kit_gateway_tokens_total{{model="{qwen3_5_tiny.model}",type="prompt"}}' in metrics
+
+
+def test_anthropic_client_with_x_api_key_and_bad_key(qwen3_5_tiny):
+    bad = anthropic.Anthropic(base_url=qwen3_5_tiny.gateway, api_key="sk-kit-00000000_bad", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError):
+        bad.messages.create(model=qwen3_5_tiny.model, max_tokens=4, messages=MESSAGES)
+
+
+def test_responses_api(qwen3_5_tiny):
+    client = openai.OpenAI(base_url=qwen3_5_tiny.gateway + "/v1", api_key=qwen3_5_tiny.key, max_retries=0)
+    response = client.responses.create(model=qwen3_5_tiny.model, input="Say hello.", max_output_tokens=16)
+    assert response.status in {"completed", "incomplete"}
+    assert response.usage.output_tokens > 0

@@ -1,0 +1,142 @@
+"""SmolLM2-135M-Instruct (real weights) on real vLLM (CPU) behind the real gateway."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import vllm_gauge
+
+pytestmark = pytest.mark.integration
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_answers_a_factual_question_through_the_gateway(smollm2):
+    client = openai.OpenAI(base_url=smollm2.gateway + "/v1", api_key=smollm2.key, max_retries=0)
+    reply = client.chat.completions.create(
+        model=smollm2.model, messages=QUESTION, temperature=0, max_tokens=32
+    )
+    assert "paris" in reply.choices[0].message.content.lower()
+    assert reply.usage.completion_tokens > 0
+
+
+def test_streams_a_factual_answer_through_the_gateway(smollm2):
+    client = openai.OpenAI(base_url=smollm2.gateway + "/v1", api_key=smollm2.key, max_retries=0)
+    pieces = []
+    stream = client.chat.completions.create(
+        model=smollm2.model,
+        messages=QUESTION,
+        temperature=0,
+        max_tokens=32,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = 0
+    for chunk in stream:
+        chunks += 1
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+    assert chunks > 3, "the answer should arrive as several events"
+    assert "paris" in "".join(pieces).lower()
+    metrics = httpx.get(smollm2.gateway + "/metrics").text
+    assert f'kit_gateway_tokens_total{{model="{smollm2.model}",type="completion"}}' in metrics
+
+
+def test_models_and_completions_pass_through(smollm2):
+    client = openai.OpenAI(base_url=smollm2.gateway + "/v1", api_key=smollm2.key, max_retries=0)
+    assert [m.id for m in client.models.list()] == [smollm2.model]
+    reply = client.completions.create(
+        model=smollm2.model, prompt="The capital of France is", max_tokens=4, temperature=0
+    )
+    assert reply.choices[0].text.strip()
+
+
+def test_a_client_disconnect_cancels_the_request_in_vllm(smollm2):
+    body = {
+        "model": smollm2.model,
+        "messages": QUESTION,
+        "max_tokens": 400,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    with httpx.stream(
+        "POST", smollm2.gateway + "/v1/chat/completions", json=body, headers=smollm2.headers(), timeout=60
+    ) as reply:
+        assert reply.status_code == 200
+        chunks = reply.iter_raw()
+        next(chunks)
+        # vLLM refreshes its gauges once per engine step: wait until it reports this request running.
+        deadline = time.monotonic() + 15
+        while vllm_gauge(smollm2.vllm, "vllm:num_requests_running") != 1:
+            assert time.monotonic() < deadline, "vLLM never reported the streaming request as running"
+            next(chunks)
+            time.sleep(0.1)
+    deadline = time.monotonic() + 15
+    while vllm_gauge(smollm2.vllm, "vllm:num_requests_running") != 0:
+        assert time.monotonic() < deadline, "vLLM kept generating for a client that left"
+        time.sleep(0.2)
+
+
+# (method, path, does this vLLM serve it directly?). /v1/load_lora_adapter exists only with
+# VLLM_ALLOW_RUNTIME_LORA_UPDATING, which the profiles never set; the gateway must block it regardless.
+OPEN_ROUTES = [
+    ("POST", "/invocations", True),
+    ("POST", "/pause", False),  # dev-mode only in this vLLM
+    ("POST", "/tokenize", True),
+    ("GET", "/ping", True),
+    ("POST", "/v1/load_lora_adapter", False),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "served_by_vllm"), OPEN_ROUTES)
+def test_routes_vllm_leaves_open_are_404_at_the_gateway(smollm2, method, path, served_by_vllm):
+    if served_by_vllm:
+        direct = httpx.request(
+            method, smollm2.vllm + path, json={"model": smollm2.model, "prompt": "x"}, timeout=30
+        )
+        assert direct.status_code != 404, f"vLLM itself serves {path} unauthenticated (that is the risk)"
+    reply = httpx.request(method, smollm2.gateway + path, json={}, headers=smollm2.headers())
+    assert reply.status_code == 404
+    assert reply.json()["error"]["code"] == "not_found"
+
+
+def test_bad_key_is_401_and_big_body_is_413(smollm2):
+    client = openai.OpenAI(base_url=smollm2.gateway + "/v1", api_key="sk-kit-deadbeef_wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+    big = {"model": smollm2.model, "messages": [{"role": "user", "content": "x" * (9 * 1024 * 1024)}]}
+    reply = httpx.post(
+        smollm2.gateway + "/v1/chat/completions", json=big, headers=smollm2.headers(), timeout=30
+    )
+    assert reply.status_code == 413
+    assert reply.json()["error"]["code"] == "request_too_large"
+
+
+def test_vllm_error_bodies_reach_the_client_unchanged(smollm2):
+    body = {"model": "no-such-model", "messages": QUESTION}
+    direct = httpx.post(smollm2.vllm + "/v1/chat/completions", json=body, timeout=30)
+    through = httpx.post(
+        smollm2.gateway + "/v1/chat/completions", json=body, headers=smollm2.headers(), timeout=30
+    )
+    assert through.status_code == direct.status_code == 404
+    assert json.loads(through.content) == json.loads(direct.content)
+
+
+def test_zz_upstream_stopped_gives_503_with_retry_after(smollm2):
+    """Runs last in this module: it stops the module's vLLM."""
+    smollm2.stack.vllm.stop()
+    reply = httpx.post(
+        smollm2.gateway + "/v1/chat/completions",
+        headers=smollm2.headers(),
+        json={"model": smollm2.model, "messages": QUESTION},
+    )
+    assert reply.status_code == 503
+    assert int(reply.headers["retry-after"]) > 0
+    assert reply.json()["error"]["code"] == "upstream_unavailable"
+    assert httpx.get(smollm2.gateway + "/readyz").status_code == 503

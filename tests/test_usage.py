@@ -1,0 +1,72 @@
+"""Token usage is read from OpenAI, Responses and Anthropic bodies and streams, split anywhere."""
+
+from __future__ import annotations
+
+import json
+
+from serve.gateway.usage import UsageCounter
+
+
+def _sse(events: list[dict], named: bool = False) -> bytes:
+    out = b""
+    for event in events:
+        if named:
+            out += f"event: {event['type']}\n".encode()
+        out += b"data: " + json.dumps(event).encode() + b"\n\n"
+    return out
+
+
+def _feed_in_pieces(stream: bytes, size: int) -> UsageCounter:
+    counter = UsageCounter()
+    for i in range(0, len(stream), size):
+        counter.feed_sse(stream[i : i + size])
+    return counter
+
+
+def test_openai_stream_usage_survives_any_chunking():
+    stream = (
+        _sse(
+            [
+                {"choices": [{"delta": {"content": "hi"}}]},
+                {"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 4}},
+            ]
+        )
+        + b"data: [DONE]\n\n"
+    )
+    for size in (1, 3, 7, 64, len(stream)):
+        counter = _feed_in_pieces(stream, size)
+        assert (counter.prompt, counter.completion) == (11, 4), size
+
+
+def test_anthropic_stream_takes_input_from_start_and_running_output():
+    stream = _sse(
+        [
+            {"type": "message_start", "message": {"usage": {"input_tokens": 9, "output_tokens": 1}}},
+            {"type": "content_block_delta", "delta": {"text": "x"}},
+            {"type": "message_delta", "usage": {"output_tokens": 5}},
+            {"type": "message_stop"},
+        ],
+        named=True,
+    )
+    counter = _feed_in_pieces(stream, 5)
+    assert (counter.prompt, counter.completion) == (9, 5)
+
+
+def test_responses_api_stream_and_plain_bodies():
+    stream = _sse(
+        [{"type": "response.completed", "response": {"usage": {"input_tokens": 3, "output_tokens": 8}}}],
+        named=True,
+    )
+    counter = _feed_in_pieces(stream, 10)
+    assert (counter.prompt, counter.completion) == (3, 8)
+    body = UsageCounter()
+    body.feed_body(b'{"usage": {"prompt_tokens": 2, "completion_tokens": 6}}')
+    assert (body.prompt, body.completion) == (2, 6)
+
+
+def test_bodies_without_usage_or_json_count_nothing():
+    counter = UsageCounter()
+    counter.feed_body(b"not json")
+    counter.feed_body(b'{"usage": "weird"}')
+    counter.feed_sse(b"data: {broken usage\n\n")
+    assert (counter.prompt, counter.completion) == (0, 0)
