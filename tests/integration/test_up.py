@@ -1,0 +1,75 @@
+"""`kit up` (make up): vLLM + a 2-worker gateway come up together and both stop on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from serve.gateway.keys import KeyStore
+from serve.supervisor import free_port
+from tests.integration.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def test_up_serves_through_two_workers_and_stops_everything_on_sigterm(tmp_path):
+    vllm_port, gateway_port = free_port(), free_port()
+    keys_db = tmp_path / "keys.sqlite"
+    key = KeyStore(keys_db).create("up")
+    env = {
+        **os.environ,
+        "KIT_GATEWAY_PORT": str(gateway_port),
+        "KIT_GATEWAY_HOST": "127.0.0.1",
+        "KIT_GATEWAY_KEYS_DB": str(keys_db),
+        "KIT_GATEWAY_WORKERS": "2",
+        "TMPDIR": str(tmp_path),
+    }
+    up = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "serve.cli",
+            "--root",
+            str(ROOT),
+            "up",
+            "cpu-qwen3_5-tiny",
+            "--set",
+            f"vllm.port={vllm_port}",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    gateway = f"http://127.0.0.1:{gateway_port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert up.poll() is None, up.stdout.read() if up.stdout else ""
+            assert time.monotonic() < deadline, "kit up was not ready in 300 s"
+            try:
+                if httpx.get(gateway + "/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(1)
+        headers = {"authorization": f"Bearer {key}"}
+        for _ in range(4):  # spread over both workers
+            models = httpx.get(gateway + "/v1/models", headers=headers).json()
+            assert [m["id"] for m in models["data"]] == ["kit/qwen3_5-tiny"]
+        metrics = httpx.get(gateway + "/metrics").text
+        assert 'kit_gateway_requests_total{route="/v1/models",status="200"} 4.0' in metrics
+    finally:
+        up.send_signal(signal.SIGTERM)
+        output, _ = up.communicate(timeout=60)
+    assert up.returncode == 0, output
+    assert "stopping vLLM and the gateway" in output
+    for port in (vllm_port, gateway_port):
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
