@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("httpx", "httpcore"):  # one line per readiness poll otherwise
+    for noisy in ("httpx", "httpx2", "httpcore"):  # a line per request otherwise (openai logs as httpx2)
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return int(args.func(args))

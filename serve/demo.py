@@ -58,7 +58,7 @@ def run_demo(root: Path, profile: str, question: str) -> int:
         log_dir = root / "state" / "logs" / "demo"
         print(
             f"starting vLLM with {resolved.model.served_model_name} ({profile}); "
-            f"this takes ~30 s on 2 cores. Logs: {log_dir}",
+            f"this takes ~40 s on 2 cores. Logs: {log_dir}",
             flush=True,
         )
         started = time.monotonic()

@@ -54,6 +54,18 @@ def test_duplicate_and_invalid_names_and_unknown_revokes_are_clear_errors(tmp_pa
         store.revoke("carol")
 
 
+def test_a_revoked_name_can_be_reused_and_only_the_new_key_works(tmp_path):
+    store = KeyStore(tmp_path / "keys.sqlite", ttl_s=0)
+    old = store.create("alice")
+    store.revoke("alice")
+    with pytest.raises(KeyError_, match="no active key"):
+        store.revoke("alice")
+    new = store.create("alice")
+    assert store.lookup(new) == "alice"
+    assert store.lookup(old) is None
+    assert [(k.name, k.revoked_at is None) for k in store.list()] == [("alice", False), ("alice", True)]
+
+
 def test_key_cli_create_list_revoke(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KIT_GATEWAY_KEYS_DB", str(tmp_path / "keys.sqlite"))
     assert kit(["key", "create", "alice"]) == 0

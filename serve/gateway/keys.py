@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import DateTime, String, create_engine, select
+from sqlalchemy import DateTime, Index, String, create_engine, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -36,9 +36,13 @@ class ApiKey(_Base):
     """One row per key ever created; revoked keys stay for the record."""
 
     __tablename__ = "api_keys"
+    # A name identifies one active key; a revoked key's name can be given to a new key.
+    __table_args__ = (
+        Index("uq_api_keys_active_name", "name", unique=True, sqlite_where=text("revoked_at IS NULL")),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
     key_id: Mapped[str] = mapped_column(String(_ID_HEX), unique=True, index=True)
     key_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -110,7 +114,7 @@ class KeyStore:
                 session.add(row)
         except IntegrityError:
             raise KeyError_(
-                f"a key named {name!r} already exists: pick another name, or revoke it "
+                f"an active key named {name!r} already exists: pick another name, or revoke it "
                 f"first (make key-revoke NAME={name})"
             ) from None
         self._loaded_at = float("-inf")
@@ -129,8 +133,10 @@ class KeyStore:
             KeyError_: no active key has that name.
         """
         with Session(self.engine) as session, session.begin():
-            row = session.scalars(select(ApiKey).where(ApiKey.name == name)).one_or_none()
-            if row is None or row.revoked_at is not None:
+            row = session.scalars(
+                select(ApiKey).where(ApiKey.name == name, ApiKey.revoked_at.is_(None))
+            ).one_or_none()
+            if row is None:
                 raise KeyError_(f"no active key named {name!r} (make key-list shows the keys)")
             row.revoked_at = datetime.now(UTC)
         self._loaded_at = float("-inf")
