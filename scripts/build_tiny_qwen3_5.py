@@ -29,11 +29,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from serve.buildinfo import MANIFEST, is_up_to_date, read_manifest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "models" / "qwen3_5-tiny"
 TEMPLATE_PATH = Path(__file__).resolve().parent / "assets" / "qwen3_5_chat_template.jinja"
 BUILDER_VERSION = "1"
-MANIFEST = "kit-build.json"
 SEED = 0
 MTP_SEED = 1
 DTYPE = "bfloat16"
@@ -230,41 +231,6 @@ def inputs_manifest(template: str) -> dict[str, Any]:
         "inputs_sha256": digest.hexdigest(),
         "template_sha256": hashlib.sha256(template.encode("utf-8")).hexdigest(),
     }
-
-
-def read_manifest(out: Path) -> dict[str, Any] | None:
-    """Read ``kit-build.json`` from an output folder.
-
-    Args:
-        out: output folder.
-
-    Returns:
-        The manifest, or None when the folder or file is missing or unreadable.
-    """
-    try:
-        data = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def is_up_to_date(out: Path, manifest: dict[str, Any]) -> bool:
-    """Tell whether ``out`` was built from the same inputs by the same builder version.
-
-    Args:
-        out: output folder.
-        manifest: the current inputs, from ``inputs_manifest``.
-
-    Returns:
-        True when the recorded inputs hash and builder version match and the weights exist.
-    """
-    recorded = read_manifest(out)
-    return (
-        recorded is not None
-        and recorded.get("inputs_sha256") == manifest["inputs_sha256"]
-        and recorded.get("builder_version") == manifest["builder_version"]
-        and (out / "model.safetensors").is_file()
-    )
 
 
 def train_tokenizer(template: str) -> Any:
@@ -737,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     manifest = inputs_manifest(template)
-    if not args.force and is_up_to_date(out, manifest):
+    if not args.force and is_up_to_date(out, manifest, "inputs_sha256"):
         print(f"{out}: up to date (inputs sha256 {manifest['inputs_sha256'][:12]})")
         return 0
     if out.exists() and not args.force and read_manifest(out) is None:

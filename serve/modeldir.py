@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from serve.buildinfo import MANIFEST
 from serve.config import ResolvedProfile
 
 
@@ -15,7 +16,7 @@ def not_ready_reason(resolved: ResolvedProfile) -> str | None:
     folder = resolved.model_dir
     if model.source == "build":
         fix = f"build it with `make models` ({model.build_command})"
-        marker = folder / "kit-build.json"
+        marker = folder / MANIFEST
     else:
         fix = f"download it with `make download MODEL={model.name}`"
         marker = folder / "config.json"

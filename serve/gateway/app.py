@@ -18,7 +18,7 @@ from serve.gateway.access import AccessLogMiddleware
 from serve.gateway.errors import error_response
 from serve.gateway.keys import KeyStore
 from serve.gateway.metrics import GatewayMetrics
-from serve.gateway.proxy import ROUTES, Gateway, make_endpoint
+from serve.gateway.proxy import ROUTES, Gateway, make_endpoint, unavailable
 from serve.gateway.settings import GatewaySettings
 
 
@@ -44,32 +44,14 @@ async def readyz(request: Request) -> Response:
     try:
         async with gateway.session.get(base + "/health") as health:
             if health.status != 200:
-                return error_response(
-                    503,
-                    f"model server health is {health.status}",
-                    "service_unavailable",
-                    "upstream_not_ready",
-                    {"retry-after": str(gateway.settings.retry_after_s)},
-                )
+                return unavailable(gateway, f"health is {health.status}", "upstream_not_ready")
         async with gateway.session.get(base + "/v1/models", headers=gateway.upstream_headers) as listing:
             models = [m["id"] for m in (await listing.json()).get("data", [])]
     except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError):
-        return error_response(
-            503,
-            "model server is not reachable",
-            "service_unavailable",
-            "upstream_unavailable",
-            {"retry-after": str(gateway.settings.retry_after_s)},
-        )
+        return unavailable(gateway, "not reachable")
     missing = [m for m in gateway.settings.served_model_names if m not in models]
     if missing:
-        return error_response(
-            503,
-            f"model server does not list {missing}",
-            "service_unavailable",
-            "model_not_loaded",
-            {"retry-after": str(gateway.settings.retry_after_s)},
-        )
+        return unavailable(gateway, f"it does not list {missing}", "model_not_loaded")
     return JSONResponse({"status": "ready", "models": models})
 
 

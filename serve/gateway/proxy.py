@@ -89,12 +89,13 @@ def _too_large(limit: int) -> Response:
     )
 
 
-def _unavailable(gateway: Gateway, detail: str) -> Response:
+def unavailable(gateway: Gateway, detail: str, code: str = "upstream_unavailable") -> Response:
+    """503 with ``Retry-After``: the model server is down, starting, or missing the model."""
     return error_response(
         503,
         f"The model server is not available ({detail}); retry shortly.",
         "service_unavailable",
-        "upstream_unavailable",
+        code,
         headers={"retry-after": str(gateway.settings.retry_after_s)},
     )
 
@@ -155,14 +156,14 @@ def make_endpoint(route: Route) -> Callable[[Request], Awaitable[Response]]:
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             gateway.metrics.upstream_errors.labels("connect").inc()
             logger.warning("upstream unreachable: %s", exc.__class__.__name__)
-            return _unavailable(gateway, "connection refused or timed out")
+            return unavailable(gateway, "connection refused or timed out")
         content_type = upstream.headers.get("content-type", "application/json")
         if upstream.status >= 400 or not content_type.startswith(_SSE):
             try:
                 payload = await upstream.read()
             except (aiohttp.ClientError, TimeoutError):
                 gateway.metrics.upstream_errors.labels("read").inc()
-                return _unavailable(gateway, "the response broke off")
+                return unavailable(gateway, "the response broke off")
             finally:
                 upstream.release()
             if upstream.status >= 500:
