@@ -10,10 +10,15 @@ PROFILE ?= $(shell if nvidia-smi -L >/dev/null 2>&1; then echo h200; else echo c
 DRY_RUN ?=
 SET ?=
 NAME ?=
+MODEL ?= qwen3.6-27b
+REPO ?=
+REVISION ?=
+ACCEPT_LICENSE ?=
+VERIFY ?=
 PYTEST_ARGS ?=
 
 
-.PHONY: help setup lock models demo test test-unit test-integration lint serve gateway up key key-list key-revoke validate clean
+.PHONY: help setup lock models demo test test-unit test-integration lint serve gateway up key key-list key-revoke validate download clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 20
@@ -42,6 +47,9 @@ lint: setup  ## ruff check and format check
 
 validate: setup  ## load every shipped config into its schema
 	@$(KIT) validate
+
+download: setup  ## fetch + verify MODEL (default qwen3.6-27b) or REPO=org/name REVISION=sha; DRY_RUN=1 lists files
+	@$(KIT) download $(if $(REPO),--repo $(REPO),$(MODEL)) $(if $(REVISION),--revision $(REVISION)) $(if $(DRY_RUN),--dry-run) $(if $(ACCEPT_LICENSE),--accept-license) $(if $(VERIFY),--verify)
 
 serve: setup  ## run vLLM for PROFILE (DRY_RUN=1 prints the exact command)
 	@$(KIT) serve $(PROFILE) $(if $(DRY_RUN),--dry-run) $(foreach s,$(SET),--set $(s))

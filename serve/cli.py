@@ -17,14 +17,15 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from serve.config import available, load_model_config, load_profile
-from serve.configfile import ConfigError
+from serve.config import DownloadSettings, available, load_model_config, load_profile
+from serve.configfile import ConfigError, load_yaml
 from serve.gateway.keys import KeyError_, KeyStore
 from serve.gateway.settings import CONFIG_ENV, GatewaySettings
 from serve.modeldir import not_ready_reason
@@ -162,6 +163,42 @@ def cmd_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    """Download a model's weights (default qwen3.6-27b) from the Hugging Face Hub and verify them.
+
+    Respects HF_TOKEN, HF_HOME, HF_ENDPOINT and HF_HUB_OFFLINE. Exit codes: 1 failure, 3 licence refused,
+    4 not enough disk space.
+    """
+    from serve.download import DownloadError, Target, download
+
+    configs = args.root / "configs"
+    settings = load_yaml(configs / "download.yaml", DownloadSettings)
+    if args.repo:
+        name = args.repo.split("/")[-1].lower()
+        target = Target(
+            args.repo, args.revision, args.local_dir or args.root / "models" / name, settings.allowed_licenses
+        )
+    else:
+        model = load_model_config(configs, args.model)
+        if model.source != "hub":
+            raise ConfigError([f"{model.name} is built locally, not downloaded: run `make models`"])
+        target = Target.from_model(model, args.root)
+        if args.revision or args.local_dir:
+            target = replace(
+                target,
+                revision=args.revision or target.revision,
+                local_dir=args.local_dir or target.local_dir,
+            )
+    try:
+        download(
+            target, settings, accept_license=args.accept_license, dry_run=args.dry_run, reverify=args.verify
+        )
+    except DownloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Serve the embedded model with vLLM behind the gateway and stream one answer with the openai SDK."""
     from serve.demo import run_demo
@@ -185,6 +222,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
             problems += exc.problems
     try:
         _gateway_settings(args.config)
+    except ConfigError as exc:
+        problems += exc.problems
+    try:
+        load_yaml(configs / "download.yaml", DownloadSettings)
     except ConfigError as exc:
         problems += exc.problems
     if problems:
@@ -218,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"gateway YAML (default ${CONFIG_ENV} or configs/gateway.yaml)",
         )
 
+    sub = verb("download", cmd_download)
+    sub.add_argument("model", nargs="?", default="qwen3.6-27b", help="a configs/models/ name")
+    sub.add_argument("--repo", help="any hub repo_id instead of a model config")
+    sub.add_argument("--revision", help="commit sha (default: the model config's pinned revision)")
+    sub.add_argument("--local-dir", type=Path, help="target folder (default: the config's local_dir)")
+    sub.add_argument("--dry-run", action="store_true", help="print what would be fetched, fetch nothing")
+    sub.add_argument("--accept-license", action="store_true", help="accept a licence outside the allowlist")
+    sub.add_argument("--verify", action="store_true", help="re-hash an already complete copy")
     sub = verb("serve", cmd_serve)
     sub.add_argument("profile")
     sub.add_argument("--dry-run", action="store_true", help="print the command, start nothing")

@@ -51,6 +51,9 @@ class ModelConfig(_Strict):
     """Commit sha (40 hex digits) that hub downloads pin. None only where no revision has been observed
     yet; then the download records the sha it got, to be pinned here."""
     license: str
+    """SPDX-style id of the weights' licence, as the model card's metadata gives it (``apache-2.0``)."""
+    allowed_licenses: list[str] = Field(default_factory=list)
+    """Licences ``make download`` accepts without ``--accept-license``; empty means just ``license``."""
     architecture: str
     """``architectures[0]`` of the checkpoint's ``config.json``."""
     source: Literal["hub", "build"]
@@ -78,6 +81,16 @@ class ModelConfig(_Strict):
         if self.source == "build" and not self.build_command:
             raise ValueError("a built model needs `build_command`")
         return self
+
+
+class DownloadSettings(_Strict):
+    """``configs/download.yaml``: what every download fetches and accepts."""
+
+    allow_patterns: list[str] = Field(min_length=1)
+    """huggingface_hub ``allow_patterns``: only files that serving needs."""
+    allowed_licenses: list[str] = Field(min_length=1)
+    """Licences accepted for ``--repo`` downloads that have no model config."""
+    free_space_margin_bytes: int = Field(default=2 * 1024**3, ge=0)
 
 
 def _is_loopback(host: str) -> bool:
