@@ -101,12 +101,20 @@ class Plan:
         ]
         for f in self.files:
             state = "present" if f.path in self.present else "to fetch"
-            lines.append(f"  {f.size / 1e6:12.1f} MB  {f.path}  [{state}]")
+            lines.append(f"  {_size(f.size):>12}  {f.path}  [{state}]")
         lines.append(
-            f"total {self.total_bytes / _GIB:.2f} GiB in {len(self.files)} files; still to fetch "
-            f"{self.missing_bytes / _GIB:.2f} GiB; free on disk {self.free_bytes / _GIB:.2f} GiB"
+            f"total {_size(self.total_bytes)} in {len(self.files)} files; still to fetch "
+            f"{_size(self.missing_bytes)}; free on disk {_size(self.free_bytes)}"
         )
         return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    """Bytes as a short human string (binary units, as ``du -h``)."""
+    for unit, scale in (("GiB", _GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 def _endpoint() -> str:
@@ -172,7 +180,7 @@ def _hint_for(exc: BaseException, target: Target) -> DownloadError:
 
 
 def _config_path(target: Target) -> str:
-    return f"configs/models/{target.config_name}.yaml" if target.config_name else "your REPO/REVISION"
+    return f"configs/models/{target.config_name}.yaml" if target.config_name else "the REPO / REVISION given"
 
 
 def _free_bytes(path: Path) -> int:
@@ -269,9 +277,9 @@ def check_space(plan: Plan, settings: DownloadSettings) -> None:
     needed = plan.missing_bytes + settings.free_space_margin_bytes
     if plan.free_bytes < needed:
         raise DownloadError(
-            f"not enough disk space for {plan.repo_id}: {plan.missing_bytes / _GIB:.2f} GiB still to fetch "
-            f"plus a {settings.free_space_margin_bytes / _GIB:.2f} GiB margin, but only "
-            f"{plan.free_bytes / _GIB:.2f} GiB free at {plan.local_dir}. Free space or point local_dir "
+            f"not enough disk space for {plan.repo_id}: {_size(plan.missing_bytes)} still to fetch "
+            f"plus a {_size(settings.free_space_margin_bytes)} margin, but only "
+            f"{_size(plan.free_bytes)} free at {plan.local_dir}. Free space or point local_dir "
             "elsewhere; nothing was fetched.",
             exit_code=4,
         )
@@ -341,6 +349,7 @@ def verify(plan: Plan, api: Any, target: Target) -> int:
     bad = [m for m in result.mismatches if m["path"] in wanted]
     missing = [p for p in result.missing_paths if p in wanted]
     if bad or missing:
+        (plan.local_dir / MARKER).unlink(missing_ok=True)
         _forget(plan.local_dir, [m["path"] for m in bad])
         details = [
             f"  {m['path']}: {m['algorithm']} {m['actual'][:16]}… expected {m['expected'][:16]}…" for m in bad
@@ -450,8 +459,8 @@ def download(
     write_text_atomic(target.local_dir / MARKER, hashlib.sha256(text.encode()).hexdigest() + "\n")
     rate = plan.missing_bytes / 1e6 / seconds if seconds > 0 else 0.0
     echo(
-        f"done: {plan.missing_bytes / _GIB:.2f} GiB fetched in {seconds:.1f} s ({rate:.1f} MB/s); "
-        f"{count} files verified; {plan.total_bytes / _GIB:.2f} GiB in {target.local_dir}"
+        f"done: {_size(plan.missing_bytes)} fetched in {seconds:.1f} s ({rate:.1f} MB/s); "
+        f"{count} files verified; {_size(plan.total_bytes)} in {target.local_dir}"
     )
     if target.revision is None:
         echo(

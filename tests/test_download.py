@@ -1,0 +1,286 @@
+"""`make download` against a local hub-compatible server: the real huggingface_hub client, real bytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+
+from serve.config import DownloadSettings
+from serve.configfile import load_yaml
+from serve.download import MANIFEST, MARKER, DownloadError, Target, completion_problem, download
+from tests.hub_server import COMMIT, make_app, tiny_repo
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "models" / "qwen3_5-tiny"
+WANTED = {
+    "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "video_preprocessor_config.json",
+}
+
+
+@pytest.fixture
+def settings() -> DownloadSettings:
+    return load_yaml(ROOT / "configs" / "download.yaml", DownloadSettings)
+
+
+@pytest.fixture
+def hub(serve_aiohttp, monkeypatch, tmp_path):
+    assert (TINY / "model.safetensors").is_file(), "make test builds models/qwen3_5-tiny first"
+    repo = tiny_repo(TINY)
+    server = serve_aiohttp(make_app(repo))
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return repo
+
+
+def target(tmp_path: Path, revision: str | None = COMMIT, licenses=("apache-2.0",)) -> Target:
+    return Target("kit/qwen3_5-tiny", revision, tmp_path / "models" / "tiny", list(licenses), "qwen3_5-tiny")
+
+
+def fetched(repo) -> list[str]:
+    return [name for method, name, _ in repo.log if method == "GET"]
+
+
+def test_clean_download_then_a_rerun_that_fetches_nothing(hub, settings, tmp_path):
+    lines: list[str] = []
+    outcome = download(target(tmp_path), settings, echo=lines.append)
+    local = tmp_path / "models" / "tiny"
+    assert outcome is not None and not outcome.already_complete
+    assert set(fetched(hub)) == WANTED  # README.md and original/ are left out
+    for name in WANTED:
+        path = local / name
+        assert path.is_file() and not path.is_symlink()
+        assert path.read_bytes() == hub.files[name]
+    manifest = json.loads((local / MANIFEST).read_text())
+    assert manifest["repo_id"] == "kit/qwen3_5-tiny" and manifest["revision"] == COMMIT
+    assert {f["path"] for f in manifest["files"]} == WANTED
+    assert completion_problem(local) is None
+    assert "MB/s" in lines[-1] and "files verified" in lines[-1]
+
+    hub.log.clear()
+    lines.clear()
+    again = download(target(tmp_path), settings, echo=lines.append)
+    assert again is not None and again.already_complete
+    assert fetched(hub) == []
+    assert "nothing downloaded" in lines[-1]
+
+
+def test_a_dropped_connection_resumes_from_where_it_broke(hub, settings, tmp_path, monkeypatch):
+    # huggingface_hub reads in 10 MB chunks and resumes from the last whole chunk; the tiny shard is 1.8 MB,
+    # so use 64 KiB chunks to make it span many, as a real 4 GB shard does.
+    monkeypatch.setattr("huggingface_hub.constants.DOWNLOAD_CHUNK_SIZE", 64 * 1024)
+    size = len(hub.files["model.safetensors"])
+    hub.abort_at["model.safetensors"] = size // 2
+    hub.abort_times = 1
+    download(target(tmp_path), settings, echo=lambda _: None)
+    ranges = [rng for method, name, rng in hub.log if method == "GET" and name == "model.safetensors"]
+    assert len(ranges) == 2 and ranges[0] is None
+    resumed_at = int(ranges[1].removeprefix("bytes=").rstrip("-"))
+    assert size // 2 - 64 * 1024 <= resumed_at <= size // 2, "the retry asks only for what is missing"
+    local = tmp_path / "models" / "tiny"
+    assert (local / "model.safetensors").read_bytes() == hub.files["model.safetensors"]
+    assert completion_problem(local) is None
+
+
+def test_an_interrupted_run_keeps_finished_files_and_the_next_run_completes(hub, settings, tmp_path):
+    """huggingface_hub >= 2 deletes a partial file when a run gives up (its PR 4228), so the next run
+    fetches that file again from its start; every finished file is kept and not fetched again."""
+    hub.abort_at["model.safetensors"] = len(hub.files["model.safetensors"]) // 2
+    with pytest.raises(DownloadError, match="run the same command again"):
+        download(target(tmp_path), settings, echo=lambda _: None)
+    local = tmp_path / "models" / "tiny"
+    assert not (local / MARKER).exists()
+    assert "no completion marker" in completion_problem(local)
+    assert (local / "config.json").is_file()
+
+    hub.abort_at.clear()
+    hub.log.clear()
+    download(target(tmp_path), settings, echo=lambda _: None)
+    assert fetched(hub) == ["model.safetensors"]
+    assert (local / "model.safetensors").read_bytes() == hub.files["model.safetensors"]
+    assert completion_problem(local) is None
+
+
+def test_corrupted_bytes_are_named_and_no_marker_is_written(hub, settings, tmp_path):
+    hub.corrupt.add("model.safetensors")
+    with pytest.raises(DownloadError) as caught:
+        download(target(tmp_path), settings, echo=lambda _: None)
+    message = str(caught.value)
+    assert "model.safetensors" in message and "sha256" in message
+    local = tmp_path / "models" / "tiny"
+    assert not (local / MARKER).exists()
+    assert not (local / "model.safetensors").exists(), "the bad copy is removed so a re-run fetches it"
+
+    hub.corrupt.clear()
+    download(target(tmp_path), settings, echo=lambda _: None)
+    assert completion_problem(local) is None
+
+
+def test_corruption_after_success_is_caught_by_verify_and_unmarks_the_copy(hub, settings, tmp_path):
+    download(target(tmp_path), settings, echo=lambda _: None)
+    local = tmp_path / "models" / "tiny"
+    shard = local / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DownloadError, match=r"model\.safetensors"):
+        download(target(tmp_path), settings, reverify=True, echo=lambda _: None)
+    assert completion_problem(local) is not None
+
+
+def test_an_incomplete_previous_attempt_is_detected_and_finished(hub, settings, tmp_path):
+    local = tmp_path / "models" / "tiny"
+    local.mkdir(parents=True)
+    shutil.copy(TINY / "config.json", local / "config.json")
+    (local / "model.safetensors").write_bytes(hub.files["model.safetensors"][:1000])
+    assert "no completion marker" in completion_problem(local)
+    download(target(tmp_path), settings, echo=lambda _: None)
+    assert completion_problem(local) is None
+    assert (local / "model.safetensors").read_bytes() == hub.files["model.safetensors"]
+
+
+def test_too_little_disk_space_is_refused_before_any_transfer(hub, settings, tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr("serve.download.shutil.disk_usage", lambda _: usage(10**9, 10**9, 10**6))
+    with pytest.raises(DownloadError) as caught:
+        download(target(tmp_path), settings, echo=lambda _: None)
+    assert caught.value.exit_code == 4
+    assert "not enough disk space" in str(caught.value) and "nothing was fetched" in str(caught.value)
+    assert fetched(hub) == []
+    assert not (tmp_path / "models" / "tiny").exists()
+
+
+def test_a_licence_outside_the_allowlist_is_refused_unless_accepted(hub, settings, tmp_path):
+    hub.license = "llama3"
+    with pytest.raises(DownloadError) as caught:
+        download(target(tmp_path), settings, echo=lambda _: None)
+    assert caught.value.exit_code == 3
+    assert "llama3" in str(caught.value) and "--accept-license" in str(caught.value)
+    assert fetched(hub) == []
+    download(target(tmp_path), settings, accept_license=True, echo=lambda _: None)
+    assert completion_problem(tmp_path / "models" / "tiny") is None
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        ("gated", r"is gated: accept its terms"),
+        ("token", "HF_TOKEN"),
+        ("repo", "not found"),
+        ("revision", "does not exist"),
+        ("unreachable", "cannot reach"),
+    ],
+)
+def test_hub_errors_become_hints(hub, settings, tmp_path, monkeypatch, fault, expected):
+    goal = target(tmp_path)
+    if fault == "gated":
+        hub.gated = True
+    elif fault == "token":
+        hub.token = "hf_secret"
+    elif fault == "repo":
+        goal = Target("kit/no-such-repo", COMMIT, goal.local_dir, goal.allowed_licenses)
+    elif fault == "revision":
+        goal = target(tmp_path, revision="f" * 40)
+    else:
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(DownloadError, match=re.escape(expected)):
+        download(goal, settings, echo=lambda _: None)
+    if fault == "token":
+        monkeypatch.setenv("HF_TOKEN", "hf_secret")
+        download(goal, settings, echo=lambda _: None)
+        assert completion_problem(goal.local_dir) is None
+
+
+def test_dry_run_lists_the_files_and_fetches_nothing(hub, settings, tmp_path):
+    lines: list[str] = []
+    download(target(tmp_path), settings, dry_run=True, echo=lines.append)
+    text = "\n".join(lines)
+    assert all(name in text for name in WANTED) and "README.md" not in text
+    assert "to fetch" in text and "GiB" in text
+    assert fetched(hub) == []
+    assert not (tmp_path / "models" / "tiny").exists()
+
+
+def test_offline_mode_accepts_a_complete_copy_only(hub, settings, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DownloadError, match="unset HF_HUB_OFFLINE"):
+        download(target(tmp_path), settings, echo=lambda _: None)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    download(target(tmp_path), settings, echo=lambda _: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub.log.clear()
+    lines: list[str] = []
+    download(target(tmp_path), settings, echo=lines.append)
+    assert hub.log == [] and "offline" in lines[-1]
+
+
+def _kit(root: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "serve.cli", "--root", str(root), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def _kit_root(tmp_path: Path) -> Path:
+    root = tmp_path / "kit"
+    shutil.copytree(ROOT / "configs", root / "configs")
+    return root
+
+
+def test_cli_download_then_serve_accepts_only_a_verified_folder(hub, tmp_path):
+    root = _kit_root(tmp_path)
+    env = {**os.environ}
+    # `make serve` refuses a folder that merely looks like a model.
+    local = root / "models" / "qwen3.6-27b"
+    local.mkdir(parents=True)
+    shutil.copy(TINY / "config.json", local / "config.json")
+    refused = _kit(root, "serve", "h200", env=env)
+    assert refused.returncode == 2
+    assert "not a verified download" in refused.stderr and "make download MODEL=qwen3.6-27b" in refused.stderr
+
+    got = _kit(
+        root,
+        "download",
+        "--repo",
+        "kit/qwen3_5-tiny",
+        "--revision",
+        COMMIT,
+        "--local-dir",
+        str(local),
+        env=env,
+    )
+    assert got.returncode == 0, got.stderr
+    assert "files verified" in got.stdout
+    dry = _kit(root, "serve", "h200", "--dry-run", env=env)
+    assert dry.returncode == 0 and "vllm serve" in dry.stdout
+
+
+def test_cli_exit_codes_for_licence_and_dry_run(hub, tmp_path):
+    root = _kit_root(tmp_path)
+    hub.license = "other"
+    refused = _kit(root, "download", "--repo", "kit/qwen3_5-tiny", env=dict(os.environ))
+    assert refused.returncode == 3 and "--accept-license" in refused.stderr
+    listing = _kit(
+        root, "download", "--repo", "kit/qwen3_5-tiny", "--dry-run", "--accept-license", env=dict(os.environ)
+    )
+    assert listing.returncode == 0 and "model.safetensors" in listing.stdout
+    assert not (root / "models").exists()
