@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -284,3 +285,14 @@ def test_cli_exit_codes_for_licence_and_dry_run(hub, tmp_path):
     )
     assert listing.returncode == 0 and "model.safetensors" in listing.stdout
     assert not (root / "models").exists()
+
+
+def test_disk_full_mid_way_is_a_hint_and_leaves_no_marker(hub, settings, tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", full)
+    with pytest.raises(DownloadError, match="is full") as caught:
+        download(target(tmp_path), settings, echo=lambda _: None)
+    assert caught.value.exit_code == 4 and "resumes" in str(caught.value)
+    assert not (tmp_path / "models" / "tiny" / MARKER).exists()
