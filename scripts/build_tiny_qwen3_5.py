@@ -477,8 +477,9 @@ def assistant_mask_check(tokenizer: Any) -> tuple[int, str]:
         "<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>"
     )
     expected = (
-        # Both assistant turns follow the last user query, so both keep a think block (the first one empty).
-        f"<think>\n\n</think>\n\nI will look that up.\n\n{tool_call}<|im_end|>"
+        # Both assistant turns follow the last user query, so both render a think block; the first one is
+        # empty and belongs to the prompt (as with enable_thinking: false), so it gets no loss.
+        f"I will look that up.\n\n{tool_call}<|im_end|>"
         "<think>\nThe tool says sunny.\n</think>\n\nIt is sunny in Paris, 21 °C.<|im_end|>"
     )
     if masked != expected:

@@ -11,6 +11,7 @@ kit validate                                            check every shipped conf
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -24,7 +25,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from serve.config import DownloadSettings, available, load_model_config, load_profile
+from serve.config import DownloadSettings, available, load_model_config, load_profile, lora_rank_for
 from serve.configfile import ConfigError, load_yaml
 from serve.gateway.keys import KeyError_, KeyStore
 from serve.gateway.settings import CONFIG_ENV, GatewaySettings
@@ -49,6 +50,31 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
     return result
 
 
+def _adapter_overrides(pairs: list[str], base: dict[str, Any]) -> dict[str, Any]:
+    """``--adapter NAME=PATH`` -> profile overrides that load the adapters at start (LoRA on, a rank that
+    holds the largest adapter)."""
+    if not pairs:
+        return base
+    modules: dict[str, str] = {}
+    rank = 1
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        config = Path(path) / "adapter_config.json"
+        if not sep or not name or not config.is_file():
+            raise ConfigError(
+                [f"--adapter {pair!r}: expected NAME=PATH to a peft adapter folder ({config} not found)"]
+            )
+        modules[name] = str(Path(path).resolve())
+        rank = max(rank, int(json.loads(config.read_text()).get("r", 1)))
+    return {
+        **base,
+        "vllm.enable_lora": True,
+        "vllm.max_lora_rank": lora_rank_for(rank),
+        "vllm.max_loras": max(len(modules), 1),
+        "vllm.lora_modules": modules,
+    }
+
+
 def _gateway_settings(config: Path | None) -> GatewaySettings:
     if config is not None:
         os.environ[CONFIG_ENV] = str(config)
@@ -65,14 +91,14 @@ def _gateway_settings(config: Path | None) -> GatewaySettings:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run vLLM for a serve profile in the foreground (``--dry-run`` prints the exact command only)."""
-    resolved = load_profile(args.root, args.profile, _overrides(args.set))
+    resolved = load_profile(args.root, args.profile, _adapter_overrides(args.adapter, _overrides(args.set)))
     command = render(resolved)
     if args.dry_run:
         print(command.shell())
         return 0
     reason = not_ready_reason(resolved)
     if reason:
-        raise ConfigError([reason])
+        raise ConfigError([reason], title="the model is not ready to serve")
     print(command.shell(), flush=True)
     env = {**os.environ, **command.env}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -112,10 +138,10 @@ def _install_sigterm() -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Start vLLM and the gateway together, wait until both are ready, stop both on Ctrl-C or SIGTERM."""
-    resolved = load_profile(args.root, args.profile, _overrides(args.set))
+    resolved = load_profile(args.root, args.profile, _adapter_overrides(args.adapter, _overrides(args.set)))
     reason = not_ready_reason(resolved)
     if reason:
-        raise ConfigError([reason])
+        raise ConfigError([reason], title="the model is not ready to serve")
     settings = _gateway_settings(args.config)
     _install_sigterm()
     log_dir = args.root / "state" / "logs"
@@ -228,13 +254,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
         load_yaml(configs / "download.yaml", DownloadSettings)
     except ConfigError as exc:
         problems += exc.problems
+    from finetune.recipe import load_recipe
+
+    for name in available(configs, "finetune"):
+        try:
+            load_recipe(args.root, name)
+        except ConfigError as exc:
+            problems += exc.problems
     if problems:
         raise ConfigError(problems)
     print(
         f"ok: {len(available(configs, 'models'))} models, {len(available(configs, 'serve'))} profiles, "
-        "gateway config"
+        f"{len(available(configs, 'finetune'))} recipes, gateway and download configs"
     )
     return 0
+
+
+_ADAPTER_HELP = "serve a LoRA adapter under model id NAME (repeatable)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = verb("serve", cmd_serve)
     sub.add_argument("profile")
     sub.add_argument("--dry-run", action="store_true", help="print the command, start nothing")
+    sub.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help=_ADAPTER_HELP)
     sub.add_argument(
         "--set",
         action="append",
@@ -281,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(sub)
     sub = verb("up", cmd_up)
     sub.add_argument("profile")
+    sub.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help=_ADAPTER_HELP)
     sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     add_config(sub)
     sub = verb("key", cmd_key)
@@ -292,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--question", default="What is the capital of France?")
     sub = verb("validate", cmd_validate)
     add_config(sub)
+    from finetune.cli import add_verbs
+
+    add_verbs(verb)
     return parser
 
 

@@ -129,11 +129,14 @@ class VllmArgs(_Strict):
     """Defaults to True when a tool-call parser is set."""
     tool_call_parser: str | None = None
     """Defaults to the model config's."""
+    chat_template: Path | None = None
+    """A Jinja chat template file; adapters are served with the template they were trained with."""
     default_chat_template_kwargs: dict[str, Any] | None = None
     generation_config: str | None = None
     seed: int | None = None
     enable_lora: bool = False
-    max_lora_rank: int | None = Field(default=None, ge=1)
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] | None = None
+    """vLLM accepts only these values (vllm/config/lora.py ``MaxLoRARanks``)."""
     max_loras: int | None = Field(default=None, ge=1)
     lora_modules: dict[str, Path] = Field(default_factory=dict)
     """Adapters loaded at start, ``name: path``; each name becomes a model id in ``/v1/models``."""
@@ -166,6 +169,21 @@ class VllmArgs(_Strict):
         if self.enable_lora and self.max_lora_rank is None:
             raise ValueError("enable_lora needs max_lora_rank (the largest adapter rank you will load)")
         return self
+
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank_for(r: int) -> int:
+    """The smallest ``--max-lora-rank`` vLLM accepts that holds an adapter of rank ``r``.
+
+    Raises:
+        ValueError: ``r`` is above vLLM's largest allowed rank.
+    """
+    for rank in LORA_RANKS:
+        if rank >= r:
+            return rank
+    raise ValueError(f"LoRA rank {r} is above vLLM's maximum {LORA_RANKS[-1]}")
 
 
 class ServeProfile(_Strict):
@@ -260,4 +278,13 @@ def load_profile(root: Path, name: str, overrides: dict[str, Any] | None = None)
     profile = load_yaml(path, ServeProfile, overrides)
     model = load_model_config(configs_dir, profile.model)
     model_dir = model.local_dir if model.local_dir.is_absolute() else root / model.local_dir
+
+    def under_root(value: Path) -> Path:
+        return value if value.is_absolute() else root / value
+
+    vllm = profile.vllm
+    updates: dict[str, Any] = {"lora_modules": {k: under_root(v) for k, v in vllm.lora_modules.items()}}
+    if vllm.chat_template is not None:
+        updates["chat_template"] = under_root(vllm.chat_template)
+    profile = profile.model_copy(update={"vllm": vllm.model_copy(update=updates)})
     return ResolvedProfile(name=name, path=path, profile=profile, model=model, model_dir=model_dir)

@@ -19,11 +19,11 @@ Schema = TypeVar("Schema", bound=BaseModel)
 class ConfigError(Exception):
     """A configuration could not be used. ``problems`` holds one ``file:line: field: message`` per issue."""
 
-    def __init__(self, problems: list[str], hint: str = "") -> None:
+    def __init__(self, problems: list[str], hint: str = "", title: str = "invalid configuration") -> None:
         self.problems = problems
         self.hint = hint
         text = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"invalid configuration:\n{text}" + (f"\n{hint}" if hint else ""))
+        super().__init__(f"{title}:\n{text}" + (f"\n{hint}" if hint else ""))
 
 
 def _line_index(node: yaml.Node | None, prefix: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:

@@ -50,7 +50,7 @@ def run_demo(root: Path, profile: str, question: str) -> int:
     resolved = load_profile(root, profile, {"vllm.port": vllm_port})
     reason = not_ready_reason(resolved)
     if reason:
-        raise ConfigError([reason])
+        raise ConfigError([reason], title="the model is not ready to serve")
     work = Path(tempfile.mkdtemp(prefix="kit-demo-"))
     try:
         keys_db = work / "gateway.sqlite"

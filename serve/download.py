@@ -173,7 +173,7 @@ def _hint_for(exc: BaseException, target: Target) -> DownloadError:
     if isinstance(exc, LocalEntryNotFoundError | OSError) or exc.__class__.__module__.startswith("httpx"):
         return DownloadError(
             f"cannot reach {_endpoint()} ({exc.__class__.__name__}): check the network or proxy "
-            "(HTTPS_PROXY), then run the same command again; finished files are kept, partial ones resume. "
+            "(HTTPS_PROXY), then run the same command again (files already finished are kept). "
             "With a complete copy already on disk, HF_HUB_OFFLINE=1 skips the hub."
         )
     raise exc
@@ -309,7 +309,7 @@ def completion_problem(local_dir: Path) -> str | None:
     """
     marker, manifest = local_dir / MARKER, local_dir / MANIFEST
     if not marker.is_file() or not manifest.is_file():
-        return "it has no completion marker (the download did not finish or was not verified)"
+        return "it has no completion marker: the download did not finish or was not verified"
     text = manifest.read_text(encoding="utf-8")
     if marker.read_text(encoding="utf-8").strip() != hashlib.sha256(text.encode()).hexdigest():
         return "its completion marker does not match its manifest"

@@ -1,0 +1,128 @@
+"""The fine-tune verbs of ``kit``: finetune, validate-data, check-adapter, merge, finetune-demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from serve.config import load_profile
+
+DEFAULT_RECIPE = "smollm2-135m-instruct_lora-cpu"
+
+
+def _fail(exc: Exception, code: int) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return code
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Train a LoRA adapter from a JSONL of chat conversations (recipe from configs/finetune/)."""
+    from finetune.adapters import AdapterError
+    from finetune.data import DataError
+    from finetune.train import TrainError, run
+
+    output = args.output or args.root / "adapters" / args.data.stem
+    try:
+        info = run(args.root, args.recipe, args.data, output, force=args.force, eval_data=args.eval_data)
+    except DataError as exc:
+        return _fail(exc, 2)
+    except (TrainError, AdapterError) as exc:
+        return _fail(exc, 1)
+    print(
+        f"adapter: {output}  (steps {info['global_step']}, train loss {info['train_loss']:.4f}, "
+        f"eval loss {info['eval_loss'] if info['eval_loss'] is None else round(info['eval_loss'], 4)})"
+    )
+    return 0
+
+
+def cmd_validate_data(args: argparse.Namespace) -> int:
+    """Check a JSONL against a recipe (structure, template, lengths) without loading any weights."""
+    from finetune.data import DataError
+    from finetune.train import TrainError, prepare
+
+    try:
+        prep = prepare(args.root, args.recipe, args.data, args.eval_data)
+    except DataError as exc:
+        return _fail(exc, 2)
+    except TrainError as exc:
+        return _fail(exc, 1)
+    lengths = [len(e.input_ids) for e in prep.train + prep.eval]
+    trained = sum(sum(1 for x in e.labels if x != -100) for e in prep.train)
+    print(
+        f"ok: {len(prep.train)} train / {len(prep.eval)} eval conversations; tokens per sequence "
+        f"{min(lengths)}-{max(lengths)} (max_seq_length {prep.recipe.data.max_seq_length}); "
+        f"{trained} assistant tokens carry the loss"
+    )
+    return 0
+
+
+def cmd_check_adapter(args: argparse.Namespace) -> int:
+    """Check an adapter against the serve profile it will run under: rank, modules, key names, base."""
+    from finetune.adapters import check_adapter
+
+    profile = load_profile(args.root, args.profile)
+    report = check_adapter(
+        args.adapter,
+        profile.model_dir,
+        profile.model.served_model_name,
+        profile.profile.vllm.max_lora_rank,
+        fix=args.fix,
+    )
+    for note in report.notes:
+        print(f"note: {note}")
+    if report.problems:
+        for problem in report.problems:
+            print(f"problem: {problem}", file=sys.stderr)
+        return 1
+    print(f"ok: {args.adapter} (r={report.rank}) can be served by profile {args.profile}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge an adapter into its base (base dtype, padded vocab and mtp.* kept) into a new folder."""
+    from finetune.adapters import AdapterError
+    from finetune.merge import merge
+
+    output = args.output or args.adapter.with_name(args.adapter.name + "-merged")
+    try:
+        facts = merge(args.root, args.adapter, output, force=args.force)
+    except (AdapterError, FileExistsError) as exc:
+        return _fail(exc, 1)
+    print(
+        f"merged: {output} ({facts['merged_bytes'] / 1e6:.1f} MB, {facts['dtype']}, "
+        f"{facts['mtp_tensors']} mtp tensors carried)"
+    )
+    return 0
+
+
+def cmd_finetune_demo(args: argparse.Namespace) -> int:
+    """Fine-tune SmolLM2 on a synthetic private fact, serve base + adapter, compare their answers."""
+    from finetune.demo import run_demo
+
+    return run_demo(args.root)
+
+
+def add_verbs(verb: Callable[[str, Any], argparse.ArgumentParser]) -> None:
+    """Register the fine-tune verbs on ``kit``'s parser (``verb(name, function)`` adds a sub-command)."""
+    sub = verb("finetune", cmd_finetune)
+    sub.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE, help="configs/finetune/ name or a path")
+    sub.add_argument("--data", type=Path, required=True, help="JSONL of {'messages': [...]} lines")
+    sub.add_argument("--eval-data", type=Path, help="separate eval JSONL (else a split of --data)")
+    sub.add_argument("--output", type=Path, help="adapter folder (default adapters/<data file stem>)")
+    sub.add_argument("--force", action="store_true", help="replace an existing adapter folder")
+    sub = verb("validate-data", cmd_validate_data)
+    sub.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE)
+    sub.add_argument("--data", type=Path, required=True)
+    sub.add_argument("--eval-data", type=Path)
+    sub = verb("check-adapter", cmd_check_adapter)
+    sub.add_argument("adapter", type=Path)
+    sub.add_argument("--profile", default="cpu-demo-lora", help="the serve profile it will run under")
+    sub.add_argument("--fix", action="store_true", help="rewrite causal-LM key names to the served class's")
+    sub = verb("merge", cmd_merge)
+    sub.add_argument("adapter", type=Path)
+    sub.add_argument("--output", type=Path)
+    sub.add_argument("--force", action="store_true")
+    verb("finetune-demo", cmd_finetune_demo)

@@ -1,0 +1,323 @@
+"""Train a LoRA adapter that vLLM can serve: parse -> validate -> build -> train -> save (atomically).
+
+    kit finetune RECIPE --data data/my.jsonl [--output adapters/NAME] [--force]
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml -m finetune.cli RECIPE --data ...
+
+Everything that can be checked without weights is checked first: recipe, data (all problems at once),
+template, sequence lengths, the serve profile's LoRA limits. The base loads through the class vLLM serves
+(``architecture`` in the model config), so adapter keys match what vLLM looks up: an adapter trained
+through ``Qwen3_5ForCausalLM`` would load in vLLM without error and change nothing
+(shared/reference/qwen3.6-27b.md, vLLM issues 48019 and 49354).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune.adapters import ADAPTER_INFO, AdapterError, base_fingerprint, check_keys
+from finetune.data import DataError, Sample, load_samples, split
+from finetune.encode import Collator, Encoded, encode_all, end_of_turn_ids, load_template, pad_id_for_training
+from finetune.recipe import Recipe, load_recipe, resolved, target_modules
+from serve.atomic import atomic_dir, write_text_atomic
+from serve.config import ModelConfig, load_profile
+from serve.configfile import ConfigError
+from serve.modeldir import not_ready_reason
+
+logger = logging.getLogger(__name__)
+
+
+class TrainError(Exception):
+    """A fine-tune that cannot start or finish; the message says what to do."""
+
+
+@dataclass
+class Prepared:
+    """Everything validated before any weight loads."""
+
+    recipe: Recipe
+    recipe_path: Path
+    model: ModelConfig
+    base_dir: Path
+    tokenizer: Any
+    template: str
+    train: list[Encoded]
+    eval: list[Encoded]
+    pad_id: int
+    data_sha256: str
+    max_lora_rank: int | None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare(root: Path, recipe_name: str, data: Path, eval_data: Path | None = None) -> Prepared:
+    """Validate recipe, base model folder, data and template; tokenize everything.
+
+    Raises:
+        ConfigError: recipe, model or profile problems.
+        DataError: every data problem (file:line), including over-long samples.
+        TrainError: the base model is not on disk, or the adapter would exceed the profile's limits.
+    """
+    from transformers import AutoTokenizer, GenerationConfig
+
+    recipe, model, recipe_path = load_recipe(root, recipe_name)
+    profile = load_profile(root, recipe.serve_profile)
+    if profile.model.name != model.name:
+        raise ConfigError(
+            [
+                f"{recipe_path}: serve_profile {recipe.serve_profile!r} serves {profile.model.name}, "
+                f"not the recipe's base_model {model.name}"
+            ]
+        )
+    reason = not_ready_reason(profile)
+    if reason:
+        raise TrainError(reason)
+    max_rank = profile.profile.vllm.max_lora_rank
+    if max_rank is not None and recipe.lora.r > max_rank:
+        raise ConfigError(
+            [
+                f"{recipe_path}: lora.r {recipe.lora.r} exceeds max_lora_rank {max_rank} of serve "
+                f"profile {recipe.serve_profile}; vLLM would refuse the adapter"
+            ]
+        )
+    samples = load_samples(data)
+    eval_samples: list[Sample]
+    eval_path = eval_data or recipe.data.eval_file
+    if eval_path is not None:
+        train_samples, eval_samples = samples, load_samples(eval_path)
+    else:
+        train_samples, eval_samples = split(samples, recipe.data.eval_fraction, recipe.data.seed)
+    tokenizer = AutoTokenizer.from_pretrained(profile.model_dir)
+    template_path = recipe.chat_template
+    if template_path is not None and not template_path.is_absolute():
+        template_path = root / template_path
+    template = load_template(template_path, tokenizer)
+    end_ids = end_of_turn_ids(tokenizer, GenerationConfig.from_pretrained(profile.model_dir).eos_token_id)
+    problems: list[str] = []
+    encoded: dict[str, list[Encoded]] = {}
+    for name, group, path in (("train", train_samples, data), ("eval", eval_samples, eval_path or data)):
+        try:
+            encoded[name] = encode_all(group, tokenizer, template, recipe.data.max_seq_length, path, end_ids)
+        except DataError as exc:
+            problems += exc.problems
+    if problems:
+        raise DataError(problems)
+    return Prepared(
+        recipe,
+        recipe_path,
+        model,
+        profile.model_dir,
+        tokenizer,
+        template,
+        encoded["train"],
+        encoded["eval"],
+        pad_id_for_training(tokenizer, end_ids),
+        _sha256(data),
+        max_rank,
+    )
+
+
+def _load_base(prep: Prepared) -> Any:
+    import torch
+    import transformers
+
+    cls = getattr(transformers, prep.model.architecture, None)
+    if cls is None:
+        raise TrainError(f"transformers {transformers.__version__} has no class {prep.model.architecture}")
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if prep.recipe.training.bf16 else torch.float32}
+    if prep.recipe.quantization is not None:
+        if not torch.cuda.is_available():
+            raise TrainError("QLoRA (quantization:) needs an NVIDIA GPU with bitsandbytes; use a LoRA recipe")
+        q = prep.recipe.quantization
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, q.bnb_4bit_compute_dtype),
+        )
+    return cls.from_pretrained(prep.base_dir, **kwargs)
+
+
+def build_peft_model(prep: Prepared, base: Any) -> Any:
+    """Wrap ``base`` with LoRA and refuse targets vLLM cannot serve or must never change.
+
+    Raises:
+        TrainError: no module matched, or a matched module is in the vision tower, the MTP head, an
+            embedding or the output head.
+    """
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    if prep.recipe.quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(
+            base, use_gradient_checkpointing=prep.recipe.training.gradient_checkpointing
+        )
+    config = LoraConfig(
+        r=prep.recipe.lora.r,
+        lora_alpha=prep.recipe.lora.lora_alpha,
+        lora_dropout=prep.recipe.lora.lora_dropout,
+        target_modules=target_modules(prep.recipe, prep.model),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(base, config)
+    except ValueError as exc:
+        raise TrainError(f"LoRA target_modules matched nothing in {prep.model.architecture}: {exc}") from None
+    targeted = [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+    bad = [n for n in targeted if any(part in n for part in (".visual.", ".mtp.", "embed_tokens", "lm_head"))]
+    if bad:
+        raise TrainError(
+            f"target_modules reach modules an adapter must not change: {bad[:3]}...; restrict the "
+            "pattern to the language model (e.g. '.*language_model.*')"
+        )
+    logger.info("LoRA on %d modules; %s", len(targeted), _trainable(model))
+    return model
+
+
+def _trainable(model: Any) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)"
+
+
+class _ListDataset:
+    def __init__(self, items: list[Encoded]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Encoded:
+        return self.items[index]
+
+
+def checkpoints_dir(output: Path) -> Path:
+    """Where the Trainer keeps resumable checkpoints and TensorBoard logs for ``output``."""
+    return output.with_name(output.name + ".checkpoints")
+
+
+def run(
+    root: Path,
+    recipe_name: str,
+    data: Path,
+    output: Path,
+    *,
+    force: bool = False,
+    eval_data: Path | None = None,
+) -> dict[str, Any]:
+    """Train, then write the adapter folder atomically. A crashed run resumes from its last checkpoint.
+
+    Returns:
+        The adapter's ``kit-adapter.json`` content.
+
+    Raises:
+        TrainError, ConfigError, DataError, AdapterError: with messages that say what to do.
+    """
+    from transformers import Trainer, TrainingArguments
+
+    if output.exists() and not force:
+        raise TrainError(
+            f"{output} already exists: pass --force (make finetune FORCE=1) to replace it, or "
+            "choose another OUTPUT"
+        )
+    prep = prepare(root, recipe_name, data, eval_data)
+    logger.info("data ok: %d train / %d eval sequences", len(prep.train), len(prep.eval))
+    base = _load_base(prep)
+    model = build_peft_model(prep, base)
+    t = prep.recipe.training
+    work = checkpoints_dir(output)
+    args = TrainingArguments(
+        output_dir=str(work),
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        bf16=t.bf16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if prep.eval else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        use_cpu=t.use_cpu,
+        report_to=["tensorboard"],
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=_ListDataset(prep.train),
+        eval_dataset=_ListDataset(prep.eval) if prep.eval else None,
+        data_collator=Collator(prep.pad_id),
+    )
+    resume = any(work.glob("checkpoint-*"))
+    if resume:
+        logger.info("resuming from the last checkpoint in %s", work)
+    start = time.monotonic()
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    eval_loss = trainer.evaluate()["eval_loss"] if prep.eval else None
+    info = {
+        "base_model": prep.model.name,
+        "base_model_name_or_path": prep.model.served_model_name,
+        "base_fingerprint": base_fingerprint(prep.base_dir),
+        "architecture": prep.model.architecture,
+        "recipe": str(prep.recipe_path),
+        "data": str(data),
+        "data_sha256": prep.data_sha256,
+        "train_sequences": len(prep.train),
+        "eval_sequences": len(prep.eval),
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "eval_loss": eval_loss,
+        "train_seconds": round(time.monotonic() - start, 1),
+        "resumed": resume,
+    }
+    with atomic_dir(output, replace=force) as staging:
+        model.save_pretrained(staging)
+        _finish_adapter_config(staging, prep)
+        check_keys(staging, prep.base_dir, fix=False)
+        (staging / "chat_template.jinja").write_text(prep.template, encoding="utf-8")
+        resolved_config = resolved(prep.recipe, {"data": str(data), "output": str(output)})
+        (staging / "resolved_config.yaml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
+        (staging / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    for checkpoint in work.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)  # the adapter is complete; keep only the TensorBoard logs
+    logger.info("adapter written to %s (TensorBoard logs in %s)", output, work / "runs")
+    return info
+
+
+def _finish_adapter_config(folder: Path, prep: Prepared) -> None:
+    """Name the base by its public id (not this machine's path) in ``adapter_config.json``."""
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = prep.model.served_model_name
+    if config.get("modules_to_save"):
+        raise AdapterError("the adapter has modules_to_save, which vLLM cannot serve")
+    write_text_atomic(path, json.dumps(config, indent=2) + "\n")
