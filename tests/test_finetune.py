@@ -1,0 +1,181 @@
+"""LoRA on the tiny Qwen3.6-architecture model: keys vLLM will use, refusals, resume, merge (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from finetune.adapters import ADAPTER_WEIGHTS, check_adapter
+from finetune.merge import merge
+from finetune.recipe import Recipe
+from finetune.train import run
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "models" / "qwen3_5-tiny"
+GOOD = ROOT / "tests" / "fixtures" / "data" / "good.jsonl"
+BAD = ROOT / "tests" / "fixtures" / "data" / "bad.jsonl"
+RECIPE = "qwen3_5-tiny_lora-cpu"
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lora") / "tiny-adapter"
+    info = run(ROOT, RECIPE, GOOD, out)
+    assert info["global_step"] == 6
+    return out
+
+
+def _keys(folder: Path) -> list[str]:
+    with safe_open(str(folder / ADAPTER_WEIGHTS), framework="pt") as handle:
+        return list(handle.keys())
+
+
+def test_adapter_keys_use_the_served_class_s_names_and_skip_vision_and_mtp(adapter):
+    keys = _keys(adapter)
+    assert keys and all(k.startswith("base_model.model.model.language_model.layers.") for k in keys)
+    modules = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in keys}
+    assert {"q_proj", "in_proj_qkv", "in_proj_z", "out_proj", "gate_proj", "down_proj"} <= modules
+    assert not any(".visual." in k or "mtp." in k or "embed" in k or "lm_head" in k for k in keys)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "kit/qwen3_5-tiny" and config["r"] == 8
+    assert (adapter / "resolved_config.yaml").is_file() and (adapter / "chat_template.jinja").is_file()
+    assert json.loads((adapter / "kit-adapter.json").read_text())["eval_loss"] is not None
+    assert not list(adapter.parent.glob("tiny-adapter.checkpoints/checkpoint-*")), "checkpoints cleaned up"
+
+
+def test_check_adapter_passes_and_catches_the_causal_lm_prefix(adapter, tmp_path):
+    report = check_adapter(adapter, TINY, "kit/qwen3_5-tiny", 8)
+    assert report.problems == []
+    wrong = tmp_path / "wrong"
+    shutil.copytree(adapter, wrong)
+    tensors = load_file(str(wrong / ADAPTER_WEIGHTS))
+    renamed = {k.replace("model.language_model.layers", "model.layers"): v for k, v in tensors.items()}
+    save_file(renamed, str(wrong / ADAPTER_WEIGHTS))
+    report = check_adapter(wrong, TINY, "kit/qwen3_5-tiny", 8)
+    assert any("causal-LM naming" in p and "silently" in p for p in report.problems)
+    fixed = check_adapter(wrong, TINY, "kit/qwen3_5-tiny", 8, fix=True)
+    assert fixed.problems == [] and "rewrote" in fixed.notes[0]
+    assert sorted(_keys(wrong)) == sorted(_keys(adapter))
+
+
+def test_check_adapter_refuses_rank_base_and_unservable_modules(adapter, tmp_path):
+    assert any("exceeds" in p for p in check_adapter(adapter, TINY, "kit/qwen3_5-tiny", 1).problems)
+    assert any("profile serves" in p for p in check_adapter(adapter, TINY, "Qwen/Qwen3.6-27B", 8).problems)
+    other = tmp_path / "other"
+    shutil.copytree(adapter, other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    config["modules_to_save"] = ["lm_head"]
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    assert any("modules_to_save" in p for p in check_adapter(other, TINY, "kit/qwen3_5-tiny", 8).problems)
+
+
+def test_recipes_may_not_target_embeddings_or_the_head():
+    with pytest.raises(ValueError, match="vLLM cannot serve"):
+        Recipe(
+            base_model="qwen3_5-tiny",
+            serve_profile="cpu-qwen3_5-tiny",
+            lora={"target_modules": ["q_proj", "lm_head"]},
+        )
+
+
+def test_an_existing_adapter_is_not_overwritten_without_force(adapter):
+    from finetune.train import TrainError
+
+    before = (adapter / ADAPTER_WEIGHTS).read_bytes()
+    with pytest.raises(TrainError, match="--force"):
+        run(ROOT, RECIPE, GOOD, adapter)
+    assert (adapter / ADAPTER_WEIGHTS).read_bytes() == before
+
+
+def test_merge_keeps_dtype_padded_vocab_and_mtp_and_changes_the_model(adapter, tmp_path):
+    import transformers
+
+    out = tmp_path / "merged"
+    facts = merge(ROOT, adapter, out)
+    assert facts["embedding_shape"] == [1024, 64] and facts["mtp_tensors"] == 15
+    assert facts["dtype"] == "bfloat16"
+    assert abs(facts["merged_bytes"] / facts["base_bytes"] - 1) < 0.05
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert sum(k.startswith("mtp.") for k in index["weight_map"]) == 15
+    for name in ("chat_template.jinja", "tokenizer.json", "generation_config.json", "kit-build.json"):
+        assert (out / name).is_file(), name
+    base = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(TINY, dtype=torch.float32)
+    merged = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert not torch.allclose(base(ids).logits, merged(ids).logits)
+    assert merged.get_output_embeddings().weight.shape == base.get_output_embeddings().weight.shape
+
+
+def test_a_killed_run_resumes_to_the_same_final_step(tmp_path):
+    out = tmp_path / "resumed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "serve.cli",
+        "--root",
+        str(ROOT),
+        "finetune",
+        RECIPE,
+        "--data",
+        str(GOOD),
+        "--output",
+        str(out),
+    ]
+    first = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    checkpoints = out.with_name("resumed.checkpoints")
+    deadline = time.monotonic() + 240
+    while not (checkpoints / "checkpoint-2" / "trainer_state.json").is_file():
+        assert first.poll() is None, "the first run ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not out.exists(), "a killed run leaves no adapter where a complete one is expected"
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    info = json.loads((out / "kit-adapter.json").read_text())
+    assert info["resumed"] is True and info["global_step"] == 6
+
+
+def test_validate_data_reports_every_bad_line_and_trains_nothing(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "serve.cli", "--root", str(ROOT), "validate-data", RECIPE, "--data", str(BAD)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    problems = [p.removeprefix("error: ") for p in result.stderr.splitlines()]
+    lines = {int(p.split(":")[1]) for p in problems if p.startswith(str(BAD) + ":")}
+    assert lines == set(range(3, 16)), result.stderr
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serve.cli",
+            "--root",
+            str(ROOT),
+            "validate-data",
+            RECIPE,
+            "--data",
+            str(GOOD),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ok.returncode == 0 and "assistant tokens carry the loss" in ok.stdout
