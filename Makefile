@@ -15,10 +15,20 @@ REPO ?=
 REVISION ?=
 ACCEPT_LICENSE ?=
 VERIFY ?=
+RECIPE ?= smollm2-135m-instruct_lora-cpu
+DATA ?=
+EVAL_DATA ?=
+OUTPUT ?=
+FORCE ?=
+ADAPTER ?=
+ADAPTERS ?=
+CHECK_PROFILE ?=
+FIX ?=
+ACCELERATE ?=
 PYTEST_ARGS ?=
 
 
-.PHONY: help setup lock models demo test test-unit test-integration lint serve gateway up key key-list key-revoke validate download clean
+.PHONY: help setup lock models demo test test-unit test-integration lint serve gateway up key key-list key-revoke validate download finetune finetune-demo validate-data check-adapter merge bench-finetune clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 20
@@ -51,14 +61,35 @@ validate: setup  ## load every shipped config into its schema
 download: setup  ## fetch + verify MODEL (default qwen3.6-27b) or REPO=org/name REVISION=sha; DRY_RUN=1 lists files
 	@$(KIT) download $(if $(REPO),--repo $(REPO),$(MODEL)) $(if $(REVISION),--revision $(REVISION)) $(if $(DRY_RUN),--dry-run) $(if $(ACCEPT_LICENSE),--accept-license) $(if $(VERIFY),--verify)
 
+finetune-demo: models  ## fine-tune SmolLM2 on a synthetic private fact, serve base + adapter, compare answers
+	@$(KIT) finetune-demo
+
+validate-data: setup  ## check DATA=file.jsonl against RECIPE (no weights load)
+	@$(KIT) validate-data $(RECIPE) --data $(DATA) $(if $(EVAL_DATA),--eval-data $(EVAL_DATA))
+
+# ACCELERATE=ddp|fsdp2|zero3 runs the same verb under `accelerate launch` with configs/accelerate/<name>.yaml.
+finetune: setup  ## LoRA on DATA=file.jsonl with RECIPE (default: the SmolLM2 CPU recipe); FORCE=1 replaces OUTPUT
+	@$(if $(ACCELERATE),$(VENV)/bin/accelerate launch --config_file configs/accelerate/$(ACCELERATE).yaml -m serve.cli,$(KIT)) \
+		finetune $(RECIPE) --data $(DATA) $(if $(EVAL_DATA),--eval-data $(EVAL_DATA)) $(if $(OUTPUT),--output $(OUTPUT)) $(if $(FORCE),--force)
+
+check-adapter: setup  ## check ADAPTER=dir against its recipe's serve profile (or CHECK_PROFILE=...); FIX=1 rewrites keys
+	@$(KIT) check-adapter $(ADAPTER) $(if $(CHECK_PROFILE),--profile $(CHECK_PROFILE)) $(if $(FIX),--fix)
+
+merge: setup  ## merge ADAPTER=dir into its base (OUTPUT=dir, default <adapter>-merged)
+	@$(KIT) merge $(ADAPTER) $(if $(OUTPUT),--output $(OUTPUT)) $(if $(FORCE),--force)
+
+BENCH_ARGS ?=
+bench-finetune: models  ## LoRA tokens/s and peak memory (BENCH_ARGS="--full-size-qwen3.6 --seq-len 2048" on a GPU)
+	@$(PY) scripts/bench_finetune.py $(BENCH_ARGS)
+
 serve: setup  ## run vLLM for PROFILE (DRY_RUN=1 prints the exact command)
-	@$(KIT) serve $(PROFILE) $(if $(DRY_RUN),--dry-run) $(foreach s,$(SET),--set $(s))
+	@$(KIT) serve $(PROFILE) $(if $(DRY_RUN),--dry-run) $(foreach s,$(SET),--set $(s)) $(foreach a,$(ADAPTERS),--adapter $(a))
 
 gateway: setup  ## run the gateway (configs/gateway.yaml, KIT_GATEWAY_* env)
 	@$(KIT) gateway
 
-up: setup  ## vLLM for PROFILE + the gateway, until Ctrl-C
-	@$(KIT) up $(PROFILE) $(foreach s,$(SET),--set $(s))
+up: setup  ## vLLM for PROFILE + the gateway, until Ctrl-C (ADAPTERS="name=dir ..." serves LoRAs)
+	@$(KIT) up $(PROFILE) $(foreach s,$(SET),--set $(s)) $(foreach a,$(ADAPTERS),--adapter $(a))
 
 key: setup  ## create a gateway API key: make key NAME=alice
 	@$(KIT) key create $(NAME)

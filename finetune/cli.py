@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from serve.config import load_profile
 
 DEFAULT_RECIPE = "smollm2-135m-instruct_lora-cpu"
@@ -63,7 +65,16 @@ def cmd_check_adapter(args: argparse.Namespace) -> int:
     """Check an adapter against the serve profile it will run under: rank, modules, key names, base."""
     from finetune.adapters import check_adapter
 
-    profile = load_profile(args.root, args.profile)
+    profile_name = args.profile
+    if profile_name is None:
+        resolved_config = args.adapter / "resolved_config.yaml"
+        if not resolved_config.is_file():
+            print(
+                f"error: {resolved_config} not found: say which serve profile with --profile", file=sys.stderr
+            )
+            return 2
+        profile_name = yaml.safe_load(resolved_config.read_text())["serve_profile"]
+    profile = load_profile(args.root, profile_name)
     report = check_adapter(
         args.adapter,
         profile.model_dir,
@@ -77,7 +88,7 @@ def cmd_check_adapter(args: argparse.Namespace) -> int:
         for problem in report.problems:
             print(f"problem: {problem}", file=sys.stderr)
         return 1
-    print(f"ok: {args.adapter} (r={report.rank}) can be served by profile {args.profile}")
+    print(f"ok: {args.adapter} (r={report.rank}) can be served by profile {profile_name}")
     return 0
 
 
@@ -119,7 +130,7 @@ def add_verbs(verb: Callable[[str, Any], argparse.ArgumentParser]) -> None:
     sub.add_argument("--eval-data", type=Path)
     sub = verb("check-adapter", cmd_check_adapter)
     sub.add_argument("adapter", type=Path)
-    sub.add_argument("--profile", default="cpu-demo-lora", help="the serve profile it will run under")
+    sub.add_argument("--profile", help="the serve profile it will run under (default: its recipe's)")
     sub.add_argument("--fix", action="store_true", help="rewrite causal-LM key names to the served class's")
     sub = verb("merge", cmd_merge)
     sub.add_argument("adapter", type=Path)

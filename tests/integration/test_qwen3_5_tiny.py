@@ -64,3 +64,33 @@ def test_responses_api(qwen3_5_tiny):
     response = client.responses.create(model=qwen3_5_tiny.model, input="Say hello.", max_output_tokens=16)
     assert response.status in {"completed", "incomplete"}
     assert response.usage.output_tokens > 0
+
+
+def _logprobs(stack, model: str) -> list[float]:
+    reply = httpx.post(
+        stack.gateway + "/v1/completions",
+        headers=stack.headers(),
+        timeout=60,
+        json={
+            "model": model,
+            "prompt": "The weather today is",
+            "max_tokens": 8,
+            "temperature": 0,
+            "logprobs": 1,
+        },
+    )
+    assert reply.status_code == 200, reply.text
+    return reply.json()["choices"][0]["logprobs"]["token_logprobs"]
+
+
+def test_a_lora_on_the_real_layout_changes_the_output_and_the_causal_lm_prefix_does_not(qwen3_5_tiny):
+    listed = {
+        m["id"]
+        for m in httpx.get(qwen3_5_tiny.gateway + "/v1/models", headers=qwen3_5_tiny.headers()).json()["data"]
+    }
+    assert {"tiny-lora", "tiny-lora-causal-lm-keys", qwen3_5_tiny.model} <= listed
+    base = _logprobs(qwen3_5_tiny, qwen3_5_tiny.model)
+    tuned = _logprobs(qwen3_5_tiny, "tiny-lora")
+    assert tuned != base, "the adapter trained through the served class must change the output"
+    # The trap check-adapter exists for: vLLM accepts these keys and silently applies nothing.
+    assert _logprobs(qwen3_5_tiny, "tiny-lora-causal-lm-keys") == base
