@@ -27,7 +27,7 @@ from finetune.adapters import ADAPTER_INFO, AdapterError, base_fingerprint, chec
 from finetune.data import DataError, Sample, load_samples, split
 from finetune.encode import Collator, Encoded, encode_all, end_of_turn_ids, load_template, pad_id_for_training
 from finetune.recipe import Recipe, load_recipe, resolved, target_modules
-from serve.atomic import atomic_dir, write_text_atomic
+from serve.atomic import promote, write_text_atomic
 from serve.config import ModelConfig, load_profile
 from serve.configfile import ConfigError
 from serve.modeldir import not_ready_reason
@@ -299,14 +299,27 @@ def run(
         "train_seconds": round(time.monotonic() - start, 1),
         "resumed": resume,
     }
-    with atomic_dir(output, replace=force) as staging:
-        model.save_pretrained(staging)
+    # Every rank takes part in saving (FSDP / ZeRO-3 gather the LoRA weights); only the main process
+    # writes files, checks them and moves the finished folder into place.
+    staging = output.with_name(output.name + ".partial")
+    if trainer.is_world_process_zero() and staging.exists():
+        shutil.rmtree(staging)
+    trainer.save_model(str(staging))
+    if not trainer.is_world_process_zero():
+        return info
+    try:
         _finish_adapter_config(staging, prep)
         check_keys(staging, prep.base_dir, fix=False)
         (staging / "chat_template.jinja").write_text(prep.template, encoding="utf-8")
         resolved_config = resolved(prep.recipe, {"data": str(data), "output": str(output)})
         (staging / "resolved_config.yaml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
         (staging / ADAPTER_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        for extra in ("training_args.bin", "README.md"):
+            (staging / extra).unlink(missing_ok=True)
+        promote(staging, output, replace=force)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     for checkpoint in work.glob("checkpoint-*"):
         shutil.rmtree(checkpoint)  # the adapter is complete; keep only the TensorBoard logs
     logger.info("adapter written to %s (TensorBoard logs in %s)", output, work / "runs")

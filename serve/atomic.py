@@ -53,6 +53,29 @@ def _usual_modes(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
+def promote(staging: Path, target: Path, *, replace: bool = False) -> None:
+    """Move a finished folder ``staging`` to ``target`` (same file system), old target out last.
+
+    Args:
+        staging: the complete new folder.
+        target: where it belongs.
+        replace: swap out an existing ``target`` (deleted only once the new one is in place).
+
+    Raises:
+        FileExistsError: ``target`` exists and ``replace`` is False.
+    """
+    if target.exists() and not replace:
+        raise FileExistsError(f"{target} already exists")
+    _usual_modes(staging)
+    if target.exists():
+        retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+        os.replace(target, retired / target.name)
+        os.replace(staging, target)
+        shutil.rmtree(retired)
+    else:
+        os.replace(staging, target)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path, *, replace: bool = False) -> Iterator[Path]:
     """Build a folder in a temporary sibling and move it to ``target`` when the block succeeds.
@@ -74,14 +97,7 @@ def atomic_dir(target: Path, *, replace: bool = False) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
     try:
         yield staging
-        _usual_modes(staging)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
-            os.replace(target, retired / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, target)
+        promote(staging, target, replace=replace)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
