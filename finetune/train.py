@@ -243,29 +243,13 @@ def run(
     model = build_peft_model(prep, base)
     t = prep.recipe.training
     work = checkpoints_dir(output)
+    # The recipe's `training:` fields are TrainingArguments fields, same names and meanings.
     args = TrainingArguments(
         output_dir=str(work),
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_steps,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        bf16=t.bf16,
-        gradient_checkpointing=t.gradient_checkpointing,
+        **t.model_dump(),
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-        logging_steps=t.logging_steps,
         eval_strategy="steps" if prep.eval else "no",
-        eval_steps=t.eval_steps,
         save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        seed=t.seed,
-        use_cpu=t.use_cpu,
         report_to=["tensorboard"],
         remove_unused_columns=False,
         dataloader_pin_memory=False,

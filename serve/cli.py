@@ -234,31 +234,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Load every model config, serve profile and the gateway config; report all problems at once."""
-    problems: list[str] = []
-    configs = args.root / "configs"
-    for name in available(configs, "models"):
-        try:
-            load_model_config(configs, name)
-        except ConfigError as exc:
-            problems += exc.problems
-    for name in available(configs, "serve"):
-        try:
-            load_profile(args.root, name)
-        except ConfigError as exc:
-            problems += exc.problems
-    try:
-        _gateway_settings(args.config)
-    except ConfigError as exc:
-        problems += exc.problems
-    try:
-        load_yaml(configs / "download.yaml", DownloadSettings)
-    except ConfigError as exc:
-        problems += exc.problems
     from finetune.recipe import load_recipe
 
-    for name in available(configs, "finetune"):
+    configs = args.root / "configs"
+    checks: list[tuple[Any, tuple[Any, ...]]] = [
+        (load_model_config, (configs, n)) for n in available(configs, "models")
+    ]
+    checks += [(load_profile, (args.root, n)) for n in available(configs, "serve")]
+    checks += [(load_recipe, (args.root, n)) for n in available(configs, "finetune")]
+    checks += [
+        (_gateway_settings, (args.config,)),
+        (load_yaml, (configs / "download.yaml", DownloadSettings)),
+    ]
+    problems: list[str] = []
+    for check, check_args in checks:
         try:
-            load_recipe(args.root, name)
+            check(*check_args)
         except ConfigError as exc:
             problems += exc.problems
     if problems:

@@ -157,3 +157,16 @@ def test_serving_a_missing_model_says_how_to_get_it(tmp_path, capsys):
 def test_validate_checks_every_shipped_config(capsys):
     assert kit(["--root", str(ROOT), "validate"]) == 0
     assert f"{len(MODELS)} models, {len(PROFILES)} profiles" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", available(ROOT / "configs", "finetune"))
+def test_every_recipe_loads_with_its_base_and_serve_profile(name):
+    from finetune.recipe import load_recipe
+
+    recipe, model, _ = load_recipe(ROOT, name)
+    profile = load_profile(ROOT, recipe.serve_profile)
+    assert profile.model.name == model.name, "a recipe's adapter is served on its own base"
+    assert profile.profile.vllm.enable_lora and recipe.lora.r <= profile.profile.vllm.max_lora_rank
+    if recipe.chat_template is not None:
+        assert (ROOT / recipe.chat_template).is_file()
+        assert "generation" in (ROOT / recipe.chat_template).read_text()
