@@ -170,3 +170,15 @@ def test_every_recipe_loads_with_its_base_and_serve_profile(name):
     if recipe.chat_template is not None:
         assert (ROOT / recipe.chat_template).is_file()
         assert "generation" in (ROOT / recipe.chat_template).read_text()
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp2", "zero3"])
+def test_accelerate_topologies_load_in_accelerate(name):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+    assert config.mixed_precision == "bf16" and config.num_processes > 1
+    expected = {"ddp": "MULTI_GPU", "fsdp2": "FSDP", "zero3": "DEEPSPEED"}[name]
+    assert config.distributed_type.value == expected
+    if name == "fsdp2":
+        assert config.fsdp_config["fsdp_version"] == 2
