@@ -64,11 +64,11 @@ download: setup  ## fetch + verify MODEL (default qwen3.6-27b) or REPO=org/name 
 finetune-demo: models  ## fine-tune SmolLM2 on a synthetic private fact, serve base + adapter, compare answers
 	@$(KIT) finetune-demo
 
-validate-data: setup  ## check DATA=file.jsonl against RECIPE (no weights load)
+validate-data: models  ## check DATA=file.jsonl against RECIPE (no weights load)
 	@$(KIT) validate-data $(RECIPE) --data $(DATA) $(if $(EVAL_DATA),--eval-data $(EVAL_DATA))
 
 # ACCELERATE=ddp|fsdp2|zero3 runs the same verb under `accelerate launch` with configs/accelerate/<name>.yaml.
-finetune: setup  ## LoRA on DATA=file.jsonl with RECIPE (default: the SmolLM2 CPU recipe); FORCE=1 replaces OUTPUT
+finetune: models  ## LoRA on DATA=file.jsonl with RECIPE (default: the SmolLM2 CPU recipe); FORCE=1 replaces OUTPUT
 	@$(if $(ACCELERATE),$(VENV)/bin/accelerate launch --config_file configs/accelerate/$(ACCELERATE).yaml -m serve.cli,$(KIT)) \
 		finetune $(RECIPE) --data $(DATA) $(if $(EVAL_DATA),--eval-data $(EVAL_DATA)) $(if $(OUTPUT),--output $(OUTPUT)) $(if $(FORCE),--force)
 

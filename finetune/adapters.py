@@ -57,7 +57,15 @@ def _module_of(key: str) -> str | None:
     return key.removeprefix(_PEFT_PREFIX).split(".lora_")[0]
 
 
-def check_keys(adapter_dir: Path, base_dir: Path, *, fix: bool = False) -> list[str]:
+@dataclass(frozen=True)
+class KeyCheck:
+    """What ``check_keys`` found: how many LoRA modules, and which keys it rewrote."""
+
+    modules: int
+    renamed: list[str]
+
+
+def check_keys(adapter_dir: Path, base_dir: Path, *, fix: bool = False) -> KeyCheck:
     """Verify that every LoRA module names a weight of the base; optionally rewrite known mismatches.
 
     Args:
@@ -66,7 +74,7 @@ def check_keys(adapter_dir: Path, base_dir: Path, *, fix: bool = False) -> list[
         fix: rewrite keys with a known prefix mismatch (atomically) instead of failing.
 
     Returns:
-        The keys that were rewritten (empty when none needed it).
+        The number of LoRA modules and the keys that were rewritten (none when none needed it).
 
     Raises:
         AdapterError: keys that match no base weight (and cannot or may not be rewritten).
@@ -109,7 +117,8 @@ def check_keys(adapter_dir: Path, base_dir: Path, *, fix: bool = False) -> list[
         os.close(fd)
         save_file(fixed, tmp, metadata={"format": "pt"})
         os.replace(tmp, weights)
-    return list(renames)
+    modules = {m for k in tensors if (m := _module_of(renames.get(k, k))) is not None}
+    return KeyCheck(len(modules), list(renames))
 
 
 @dataclass
@@ -118,6 +127,8 @@ class Report:
 
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    passed: list[str] = field(default_factory=list)
+    """One line per check that passed, for the operator to read."""
     rank: int | None = None
 
 
@@ -142,6 +153,13 @@ def check_adapter(
     report.rank = rank = config.get("r")
     if config.get("peft_type", "LORA") != "LORA":
         report.problems.append(f"peft_type {config.get('peft_type')}: vLLM serves LoRA adapters only")
+    else:
+        report.passed.append(
+            f"LoRA r={rank}, lora_alpha={config.get('lora_alpha')}, "
+            f"target_modules {config.get('target_modules')}"
+        )
+    if not config.get("modules_to_save") and not config.get("use_dora"):
+        report.passed.append("no modules_to_save, no DoRA (both unservable by vLLM)")
     if config.get("modules_to_save"):
         report.problems.append(
             f"modules_to_save {config['modules_to_save']}: vLLM cannot serve full module copies"
@@ -155,7 +173,11 @@ def check_adapter(
         )
     elif isinstance(rank, int) and rank > max_lora_rank:
         report.problems.append(f"rank r={rank} exceeds the profile's max_lora_rank {max_lora_rank}")
-    if config.get("base_model_name_or_path") != served_model_name:
+    else:
+        report.passed.append(f"rank {rank} <= the profile's max_lora_rank {max_lora_rank}")
+    if config.get("base_model_name_or_path") == served_model_name:
+        report.passed.append(f"base_model_name_or_path is the served model {served_model_name!r}")
+    else:
         report.problems.append(
             f"base_model_name_or_path is {config.get('base_model_name_or_path')!r}, but the "
             f"profile serves {served_model_name!r}"
@@ -165,12 +187,15 @@ def check_adapter(
         recorded = json.loads(info_path.read_text()).get("base_fingerprint")
         if recorded != base_fingerprint(base_dir):
             report.problems.append(f"the base fingerprint differs from {base_dir}: trained on other weights")
+        else:
+            report.passed.append(f"base fingerprint matches {base_dir}")
     else:
         report.notes.append(f"no {ADAPTER_INFO}: trained outside the kit, base fingerprint not checked")
     try:
-        renamed = check_keys(adapter_dir, base_dir, fix=fix)
-        if renamed:
-            report.notes.append(f"rewrote {len(renamed)} keys to the served class's naming")
+        keys = check_keys(adapter_dir, base_dir, fix=fix)
+        report.passed.append(f"all {keys.modules} LoRA modules name weights of the served base")
+        if keys.renamed:
+            report.notes.append(f"rewrote {len(keys.renamed)} keys to the served class's naming")
     except AdapterError as exc:
         report.problems.append(str(exc))
     return report

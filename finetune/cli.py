@@ -16,7 +16,8 @@ DEFAULT_RECIPE = "smollm2-135m-instruct_lora-cpu"
 
 
 def _fail(exc: Exception, code: int) -> int:
-    print(f"error: {exc}", file=sys.stderr)
+    text = str(exc)
+    print(f"error:\n{text}" if "\n" in text else f"error: {text}", file=sys.stderr)
     return code
 
 
@@ -82,13 +83,18 @@ def cmd_check_adapter(args: argparse.Namespace) -> int:
         profile.profile.vllm.max_lora_rank,
         fix=args.fix,
     )
+    for line in report.passed:
+        print(f"ok: {line}")
     for note in report.notes:
         print(f"note: {note}")
     if report.problems:
         for problem in report.problems:
             print(f"problem: {problem}", file=sys.stderr)
         return 1
-    print(f"ok: {args.adapter} (r={report.rank}) can be served by profile {profile_name}")
+    print(
+        f"{args.adapter} can be served by profile {profile_name}; in vLLM: --enable-lora --lora-modules "
+        f'NAME={args.adapter} (make up PROFILE={profile_name} ADAPTERS="NAME={args.adapter}")'
+    )
     return 0
 
 

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from serve.config import DownloadSettings, available, load_model_config, load_profile, lora_rank_for
 from serve.configfile import ConfigError, load_yaml
 from serve.gateway.keys import KeyError_, KeyStore
+from serve.gateway.logconfig import log_config
 from serve.gateway.settings import CONFIG_ENV, GatewaySettings
 from serve.modeldir import not_ready_reason
 from serve.render import render
@@ -123,6 +124,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         loop="uvloop",
         http="httptools",
         access_log=False,  # the gateway writes its own access log, without prompts or keys
+        log_config=log_config(settings.log_level),  # applied in every worker process
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=10,
     )
@@ -155,9 +157,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             gateway_host=settings.host,
             gateway_workers=settings.workers,
         ) as stack:
+            models = [stack.served_model_name, *resolved.profile.vllm.lora_modules]
             print(
-                f"ready: model {stack.served_model_name!r} at http://{settings.host}:{settings.port}/v1 "
-                f"(keys: make key NAME=...). Ctrl-C stops both.",
+                f"ready: models {models} at http://{settings.host}:{settings.port}/v1 (keys: make key "
+                "NAME=...). Ctrl-C stops both.",
                 flush=True,
             )
             while all(c.alive() for c in stack.children()):

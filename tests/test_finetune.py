@@ -57,6 +57,7 @@ def test_adapter_keys_use_the_served_class_s_names_and_skip_vision_and_mtp(adapt
 def test_check_adapter_passes_and_catches_the_causal_lm_prefix(adapter, tmp_path):
     report = check_adapter(adapter, TINY, "kit/qwen3_5-tiny", 8)
     assert report.problems == []
+    assert len(report.passed) == 6, report.passed
     wrong = tmp_path / "wrong"
     shutil.copytree(adapter, wrong)
     tensors = load_file(str(wrong / ADAPTER_WEIGHTS))
@@ -66,6 +67,7 @@ def test_check_adapter_passes_and_catches_the_causal_lm_prefix(adapter, tmp_path
     assert any("causal-LM naming" in p and "silently" in p for p in report.problems)
     fixed = check_adapter(wrong, TINY, "kit/qwen3_5-tiny", 8, fix=True)
     assert fixed.problems == [] and "rewrote" in fixed.notes[0]
+    assert any("LoRA modules name weights of the served base" in line for line in fixed.passed)
     assert sorted(_keys(wrong)) == sorted(_keys(adapter))
 
 

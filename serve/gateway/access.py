@@ -12,9 +12,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve.gateway.logconfig import ACCESS_LOGGER
 from serve.gateway.metrics import GatewayMetrics
 
-logger = logging.getLogger("serve.gateway.access")
+logger = logging.getLogger(ACCESS_LOGGER)
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -60,8 +61,9 @@ def test_up_serves_through_two_workers_and_stops_everything_on_sigterm(tmp_path)
                 pass
             time.sleep(1)
         headers = {"authorization": f"Bearer {key}"}
-        for _ in range(4):  # spread over both workers
-            models = httpx.get(gateway + "/v1/models", headers=headers).json()
+        for i in range(4):  # spread over both workers
+            tagged = {**headers, "x-request-id": f"up-test-{vllm_port}-{i}"}
+            models = httpx.get(gateway + "/v1/models", headers=tagged).json()
             assert [m["id"] for m in models["data"]] == ["kit/qwen3_5-tiny"]
         metrics = httpx.get(gateway + "/metrics").text
         assert 'kit_gateway_requests_total{route="/v1/models",status="200"} 4.0' in metrics
@@ -70,6 +72,11 @@ def test_up_serves_through_two_workers_and_stops_everything_on_sigterm(tmp_path)
         output, _ = up.communicate(timeout=60)
     assert up.returncode == 0, output
     assert "stopping vLLM and the gateway" in output
+    # Every worker writes the JSON access log (uvicorn's workers do not inherit the parent's logging).
+    log = (ROOT / "state" / "logs" / "gateway.log").read_text()
+    lines = [json.loads(line) for line in log.splitlines() if f"up-test-{vllm_port}-" in line]
+    assert len(lines) == 4 and all(entry["key"] == "up" and entry["status"] == 200 for entry in lines)
+    assert key not in log
     for port in (vllm_port, gateway_port):
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
