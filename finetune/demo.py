@@ -100,7 +100,6 @@ def run_demo(root: Path) -> int:
             resolved,
             keys_db=keys_db,
             log_dir=work / "logs",
-            gateway_port=free_port(),
             scratch=scratch / "vllm",
         ) as stack:
             client = OpenAI(base_url=stack.gateway_url + "/v1", api_key=key, max_retries=0)

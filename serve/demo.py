@@ -46,7 +46,7 @@ def run_demo(root: Path, profile: str, question: str) -> int:
             "  make up PROFILE=h200         # or h100x2 / h100-fp8; see configs/serve/"
         )
         return 0
-    vllm_port, gateway_port = free_port(), free_port()
+    vllm_port = free_port()
     resolved = load_profile(root, profile, {"vllm.port": vllm_port})
     reason = not_ready_reason(resolved)
     if reason:
@@ -62,9 +62,7 @@ def run_demo(root: Path, profile: str, question: str) -> int:
             flush=True,
         )
         started = time.monotonic()
-        with run_stack(
-            resolved, keys_db=keys_db, log_dir=log_dir, gateway_port=gateway_port, scratch=work / "scratch"
-        ) as stack:
+        with run_stack(resolved, keys_db=keys_db, log_dir=log_dir, scratch=work / "scratch") as stack:
             print(
                 f"vLLM and the gateway are up after {time.monotonic() - started:.0f} s; "
                 f"asking through {stack.gateway_url}/v1\n",

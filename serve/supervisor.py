@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -33,8 +34,23 @@ class StartupError(RuntimeError):
     """A child process died or did not become ready; the message holds the end of its log."""
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+def free_port(below_ephemeral: bool = False) -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago.
+
+    Args:
+        below_ephemeral: pick from 20000-29999, under Linux's ephemeral range (32768+), where no process
+            gets a port by chance: for a port chosen now but bound only later (vLLM opens ephemeral
+            ports of its own while it starts).
+    """
+    if below_ephemeral:
+        for port in random.Random().sample(range(20000, 30000), 200):
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+        raise StartupError("no free port between 20000 and 29999")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -219,7 +235,7 @@ def run_stack(
     *,
     keys_db: Path,
     log_dir: Path,
-    gateway_port: int,
+    gateway_port: int | None = None,
     gateway_host: str = "127.0.0.1",
     gateway_workers: int = 1,
     scratch: Path | None = None,
@@ -230,7 +246,9 @@ def run_stack(
         resolved: the profile to serve (its ``vllm.port`` is where vLLM listens).
         keys_db: the gateway's key database.
         log_dir: receives ``vllm.log`` and ``gateway.log``.
-        gateway_port: where the gateway listens.
+        gateway_port: where the gateway listens; None picks a free port once vLLM is up (vLLM opens
+            ports of its own while it starts, so a port picked earlier may be taken by then), and picks
+            again if another process wins the race for it.
         gateway_host: the gateway's bind address.
         gateway_workers: uvicorn workers.
         scratch: when set, vLLM's temp files and caches go there.
@@ -239,18 +257,27 @@ def run_stack(
         StartupError: a process died or was not ready in time (both are stopped first).
     """
     vllm_url = f"http://127.0.0.1:{resolved.profile.vllm.port}"
-    gateway_url = f"http://127.0.0.1:{gateway_port}"
     name = resolved.model.served_model_name
     vllm = start_vllm(resolved, log_dir / "vllm.log", scratch_env(scratch) if scratch else None)
     gateway: Child | None = None
     try:
         waited = wait_vllm_ready(vllm, vllm_url, name, resolved.profile.startup_timeout_s)
         logger.info("vLLM answered its first request after %.1f s", waited)
-        gateway = start_gateway(
-            gateway_env(vllm_url, gateway_port, keys_db, [name], gateway_workers, gateway_host),
-            log_dir / "gateway.log",
-        )
-        wait_gateway_ready(gateway, gateway_url)
+        for attempt in range(1 if gateway_port is not None else 3):
+            port = gateway_port if gateway_port is not None else free_port(below_ephemeral=True)
+            gateway_url = f"http://127.0.0.1:{port}"
+            gateway = start_gateway(
+                gateway_env(vllm_url, port, keys_db, [name], gateway_workers, gateway_host),
+                log_dir / "gateway.log",
+            )
+            try:
+                wait_gateway_ready(gateway, gateway_url)
+                break
+            except StartupError as exc:
+                if gateway_port is not None or "address already in use" not in str(exc) or attempt == 2:
+                    raise
+                logger.warning("port %d was taken before the gateway bound it; trying another", port)
+        assert gateway is not None
         yield Stack(vllm, gateway, vllm_url, gateway_url, name)
     finally:
         if gateway is not None:

@@ -58,9 +58,7 @@ def start_live_stack(profile: str, tmp: Path, adapters: dict[str, Path] | None =
     assert reason is None, f"{reason} (make test builds the models first)"
     keys_db = tmp / "keys.sqlite"
     key = KeyStore(keys_db).create("integration")
-    with run_stack(
-        resolved, keys_db=keys_db, log_dir=tmp / "logs", gateway_port=free_port(), scratch=tmp / "scratch"
-    ) as stack:
+    with run_stack(resolved, keys_db=keys_db, log_dir=tmp / "logs", scratch=tmp / "scratch") as stack:
         yield LiveStack(stack, key, keys_db)
 
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_up_serves_through_two_workers_and_stops_everything_on_sigterm(tmp_path):
-    vllm_port, gateway_port = free_port(), free_port()
+    vllm_port, gateway_port = free_port(), free_port(below_ephemeral=True)
     keys_db = tmp_path / "keys.sqlite"
     key = KeyStore(keys_db).create("up")
     env = {
