@@ -52,13 +52,20 @@ def _block_fast_kernels() -> None:
         sys.modules[name] = None  # type: ignore[assignment]  # makes `import fla` raise ImportError
 
 
-def _full_size_model(device: str):
-    import torch
+def full_size_config():
+    """Qwen3.6-27B's architecture as a transformers config (random weights; no download)."""
     import transformers
 
     text = dict(QWEN36_TEXT)
     text["layer_types"] = text.pop("layer_types") * (text["num_hidden_layers"] // 4)
-    config = transformers.Qwen3_5Config(text_config=text, vision_config=QWEN36_VISION)
+    return transformers.Qwen3_5Config(text_config=text, vision_config=QWEN36_VISION)
+
+
+def _full_size_model(device: str):
+    import torch
+    import transformers
+
+    config = full_size_config()
     with torch.device(device):
         model = transformers.Qwen3_5ForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
     from serve.config import load_model_config
