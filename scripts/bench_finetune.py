@@ -64,15 +64,15 @@ def full_size_config():
 def _full_size_model(device: str):
     import torch
     import transformers
+    import yaml
 
     config = full_size_config()
     with torch.device(device):
         model = transformers.Qwen3_5ForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-    from serve.config import load_model_config
-
-    lora = load_model_config(ROOT / "configs", "qwen3.6-27b").lora
-    assert lora is not None
-    return model, lora.target_modules
+    # Read the targets with plain YAML: this path runs on a bare GPU image (torch, transformers, peft,
+    # pyyaml) without the kit's own dependencies.
+    model_config = yaml.safe_load((ROOT / "configs" / "models" / "qwen3.6-27b.yaml").read_text())
+    return model, model_config["lora"]["target_modules"]
 
 
 def _local_model(name: str, device: str, bf16: bool):
