@@ -169,7 +169,9 @@ def make_endpoint(route: Route) -> Callable[[Request], Awaitable[Response]]:
             if upstream.status >= 500:
                 gateway.metrics.upstream_errors.labels("status").inc()
             if upstream.status < 400:
-                _count_tokens(gateway, model, UsageCounter(), payload)
+                usage = UsageCounter()
+                usage.feed_body(payload)
+                _record_usage(gateway, model, usage)
             # Upstream error bodies pass through unchanged, status and content type included.
             return Response(payload, upstream.status, media_type=content_type)
         return StreamingResponse(
@@ -180,9 +182,7 @@ def make_endpoint(route: Route) -> Callable[[Request], Awaitable[Response]]:
     return endpoint
 
 
-def _count_tokens(gateway: Gateway, model: str | None, usage: UsageCounter, body: bytes | None) -> None:
-    if body is not None:
-        usage.feed_body(body)
+def _record_usage(gateway: Gateway, model: str | None, usage: UsageCounter) -> None:
     label = model or "unknown"
     if usage.prompt:
         gateway.metrics.tokens.labels(label, "prompt").inc(usage.prompt)
@@ -215,4 +215,4 @@ async def _relay(
         )
     finally:
         upstream.close()
-        _count_tokens(gateway, model, usage, None)
+        _record_usage(gateway, model, usage)
