@@ -25,6 +25,9 @@ ADAPTERS ?=
 CHECK_PROFILE ?=
 FIX ?=
 ACCELERATE ?=
+# With ACCELERATE=: one process per GPU on this machine unless NUM_PROCESSES says otherwise.
+NUM_PROCESSES ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | wc -l); [ "$$n" -gt 0 ] && echo $$n)
+ACCELERATE_ARGS ?=
 PYTEST_ARGS ?=
 
 
@@ -67,9 +70,11 @@ finetune-demo: models  ## fine-tune SmolLM2 on a synthetic private fact, serve b
 validate-data: models  ## check DATA=file.jsonl against RECIPE (no weights load)
 	@$(KIT) validate-data $(RECIPE) --data $(DATA) $(if $(EVAL_DATA),--eval-data $(EVAL_DATA))
 
-# ACCELERATE=ddp|fsdp2|zero3 runs the same verb under `accelerate launch` with configs/accelerate/<name>.yaml.
+# ACCELERATE=ddp|fsdp2|zero3 runs the same verb under `accelerate launch` with configs/accelerate/<name>.yaml
+# (NUM_PROCESSES= and ACCELERATE_ARGS="..." pass on to it).
 finetune: models  ## LoRA on DATA=file.jsonl with RECIPE (default: the SmolLM2 CPU recipe); FORCE=1 replaces OUTPUT
-	@$(if $(ACCELERATE),$(VENV)/bin/accelerate launch --config_file configs/accelerate/$(ACCELERATE).yaml -m serve.cli,$(KIT)) \
+	@$(if $(ACCELERATE),test -f configs/accelerate/$(ACCELERATE).yaml || { echo "error: no configs/accelerate/$(ACCELERATE).yaml; ACCELERATE= one of: $$(ls configs/accelerate | sed 's/.yaml//' | xargs)" >&2; exit 2; })
+	@$(if $(ACCELERATE),$(VENV)/bin/accelerate launch --config_file configs/accelerate/$(ACCELERATE).yaml $(if $(NUM_PROCESSES),--num_processes $(NUM_PROCESSES)) $(ACCELERATE_ARGS) -m serve.cli,$(KIT)) \
 		finetune $(RECIPE) --data $(DATA) $(if $(EVAL_DATA),--eval-data $(EVAL_DATA)) $(if $(OUTPUT),--output $(OUTPUT)) $(if $(FORCE),--force)
 
 check-adapter: setup  ## check ADAPTER=dir against its recipe's serve profile (or CHECK_PROFILE=...); FIX=1 rewrites keys

@@ -34,6 +34,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return _fail(exc, 2)
     except (TrainError, AdapterError) as exc:
         return _fail(exc, 1)
+    if info is None:  # another rank of a multi-process run; the main process reports
+        return 0
     print(
         f"adapter: {output}  (steps {info['global_step']}, train loss {info['train_loss']:.4f}, "
         f"eval loss {info['eval_loss'] if info['eval_loss'] is None else round(info['eval_loss'], 4)})"

@@ -83,6 +83,7 @@ def run_demo(root: Path) -> int:
         flush=True,
     )
     info = run(root, RECIPE, data, adapter, force=True)
+    assert info is not None  # a single process is always the main one
     print(
         f"    adapter {adapter}: {info['global_step']} steps in {info['train_seconds']:.0f} s, "
         f"eval loss {info['eval_loss']:.3f}",

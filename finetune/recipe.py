@@ -77,6 +77,8 @@ class TrainingArgs(_Strict):
     save_total_limit: int = Field(default=2, ge=1)
     seed: int = 0
     use_cpu: bool = False
+    ddp_find_unused_parameters: bool = False
+    """Under DDP every LoRA weight gets a gradient each step; True would add a graph walk per step."""
 
 
 class Recipe(_Strict):

@@ -131,14 +131,41 @@ def prepare(root: Path, recipe_name: str, data: Path, eval_data: Path | None = N
     )
 
 
+def _device_map(use_cpu: bool) -> dict[str, int] | None:
+    """Where each process loads the base: its own GPU under DDP or a single GPU, else None.
+
+    FSDP and DeepSpeed place (and shard) weights themselves, so they get None, as does the CPU.
+    ``accelerate launch`` announces them through ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED``,
+    the same variables transformers and accelerate read.
+    """
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    if use_cpu or not torch.cuda.is_available():
+        return None
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return None
+    return {"": PartialState().local_process_index}
+
+
 def _load_base(prep: Prepared) -> Any:
+    """Load the base through the class vLLM serves, in the recipe's dtype (4-bit for QLoRA).
+
+    Call after ``TrainingArguments`` exists: under ``accelerate launch`` that initialises
+    torch.distributed, which transformers needs to load FSDP weights on rank 0 only
+    (``fsdp_cpu_ram_efficient_loading``) and DeepSpeed ZeRO-3 weights already partitioned.
+    """
     import torch
     import transformers
 
     cls = getattr(transformers, prep.model.architecture, None)
     if cls is None:
         raise TrainError(f"transformers {transformers.__version__} has no class {prep.model.architecture}")
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if prep.recipe.training.bf16 else torch.float32}
+    kwargs: dict[str, Any] = {
+        "dtype": torch.bfloat16 if prep.recipe.training.bf16 else torch.float32,
+        "device_map": _device_map(prep.recipe.training.use_cpu),
+    }
     if prep.recipe.quantization is not None:
         if not torch.cuda.is_available():
             raise TrainError("QLoRA (quantization:) needs an NVIDIA GPU with bitsandbytes; use a LoRA recipe")
@@ -221,11 +248,13 @@ def run(
     *,
     force: bool = False,
     eval_data: Path | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Train, then write the adapter folder atomically. A crashed run resumes from its last checkpoint.
 
+    Under ``accelerate launch`` every rank calls this; only the main process writes files.
+
     Returns:
-        The adapter's ``kit-adapter.json`` content.
+        The adapter's ``kit-adapter.json`` content; None on the other ranks of a multi-process run.
 
     Raises:
         TrainError, ConfigError, DataError, AdapterError: with messages that say what to do.
@@ -239,11 +268,10 @@ def run(
         )
     prep = prepare(root, recipe_name, data, eval_data)
     logger.info("data ok: %d train / %d eval sequences", len(prep.train), len(prep.eval))
-    base = _load_base(prep)
-    model = build_peft_model(prep, base)
     t = prep.recipe.training
     work = checkpoints_dir(output)
-    # The recipe's `training:` fields are TrainingArguments fields, same names and meanings.
+    # The recipe's `training:` fields are TrainingArguments fields, same names and meanings. They are
+    # built before the weights load (see _load_base).
     args = TrainingArguments(
         output_dir=str(work),
         **t.model_dump(),
@@ -254,6 +282,8 @@ def run(
         remove_unused_columns=False,
         dataloader_pin_memory=False,
     )
+    _ = args.device  # initialises torch.distributed under accelerate launch
+    model = build_peft_model(prep, _load_base(prep))
     trainer = Trainer(
         model=model,
         args=args,
@@ -282,15 +312,17 @@ def run(
         "eval_loss": eval_loss,
         "train_seconds": round(time.monotonic() - start, 1),
         "resumed": resume,
+        "world_size": args.world_size,
     }
     # Every rank takes part in saving (FSDP / ZeRO-3 gather the LoRA weights); only the main process
     # writes files, checks them and moves the finished folder into place.
     staging = output.with_name(output.name + ".partial")
     if trainer.is_world_process_zero() and staging.exists():
         shutil.rmtree(staging)
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))
     if not trainer.is_world_process_zero():
-        return info
+        return None
     try:
         _finish_adapter_config(staging, prep)
         check_keys(staging, prep.base_dir, fix=False)

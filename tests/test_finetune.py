@@ -32,7 +32,7 @@ RECIPE = "qwen3_5-tiny_lora-cpu"
 def adapter(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("lora") / "tiny-adapter"
     info = run(ROOT, RECIPE, GOOD, out)
-    assert info["global_step"] == 6
+    assert info is not None and info["global_step"] == 6
     return out
 
 
@@ -181,3 +181,34 @@ def test_validate_data_reports_every_bad_line_and_trains_nothing(tmp_path):
         timeout=120,
     )
     assert ok.returncode == 0 and "assistant tokens carry the loss" in ok.stdout
+
+
+def test_make_finetune_accelerate_ddp_trains_on_two_processes_and_writes_once(tmp_path):
+    # The multi-process path users take on GPUs (`make finetune ACCELERATE=ddp`), here as two CPU
+    # processes over gloo: every rank trains, only the main one writes the adapter and reports.
+    out = tmp_path / "ddp-adapter"
+    result = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "finetune",
+            f"RECIPE={RECIPE}",
+            f"DATA={GOOD}",
+            f"OUTPUT={out}",
+            "ACCELERATE=ddp",
+            "NUM_PROCESSES=2",
+            "ACCELERATE_ARGS=--mixed_precision no",
+            f"VENV={Path(sys.executable).parent.parent}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("adapter: ") == 1, result.stdout
+    info = json.loads((out / "kit-adapter.json").read_text())
+    assert info["world_size"] == 2 and info["global_step"] == 6
+    assert not out.with_name("ddp-adapter.partial").exists()
+    report = check_adapter(out, TINY, "kit/qwen3_5-tiny", 8)
+    assert not report.problems, report.problems
