@@ -36,7 +36,10 @@ class LoraArgs(_Strict):
 
 
 class QuantizationArgs(_Strict):
-    """bitsandbytes 4-bit loading for QLoRA (GPU only)."""
+    """bitsandbytes 4-bit loading for QLoRA (transformers ``BitsAndBytesConfig`` fields).
+
+    Meant for GPUs; bitsandbytes >= 0.48 also runs it on the CPU, which the tests use on the tiny model.
+    """
 
     load_in_4bit: Literal[True] = True
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"

@@ -167,8 +167,13 @@ def _load_base(prep: Prepared) -> Any:
         "device_map": _device_map(prep.recipe.training.use_cpu),
     }
     if prep.recipe.quantization is not None:
-        if not torch.cuda.is_available():
-            raise TrainError("QLoRA (quantization:) needs an NVIDIA GPU with bitsandbytes; use a LoRA recipe")
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise TrainError(
+                "QLoRA (quantization: in the recipe) needs bitsandbytes, which is not installed in this "
+                "environment: run `make setup` (the locks include it) or use a LoRA recipe"
+            )
         q = prep.recipe.quantization
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True,

@@ -212,3 +212,24 @@ def test_make_finetune_accelerate_ddp_trains_on_two_processes_and_writes_once(tm
     assert not out.with_name("ddp-adapter.partial").exists()
     report = check_adapter(out, TINY, "kit/qwen3_5-tiny", 8)
     assert not report.problems, report.problems
+
+
+def test_qlora_recipe_trains_on_a_4bit_base_and_its_adapter_merges_into_the_full_base(tmp_path):
+    # The path of qwen3.6-27b_qlora (bitsandbytes NF4 base + LoRA), run on the CPU with the tiny model.
+    import transformers
+
+    out = tmp_path / "qlora"
+    info = run(ROOT, "qwen3_5-tiny_qlora-cpu", GOOD, out)
+    assert info is not None and info["global_step"] == 4
+    assert not check_adapter(out, TINY, "kit/qwen3_5-tiny", 8).problems
+    keys = _keys(out)
+    assert keys and all(".language_model." in k for k in keys)
+    assert not any(k.endswith((".absmax", ".quant_map")) or "quant_state" in k for k in keys)
+    merged_dir = tmp_path / "qlora-merged"
+    facts = merge(ROOT, out, merged_dir)
+    assert facts["dtype"] == "bfloat16" and facts["mtp_tensors"] == 15
+    base = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(TINY, dtype=torch.float32)
+    merged = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(merged_dir, dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert not torch.allclose(base(ids).logits, merged(ids).logits)
