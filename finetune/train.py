@@ -26,7 +26,7 @@ import yaml
 from finetune.adapters import ADAPTER_INFO, AdapterError, base_fingerprint, check_keys
 from finetune.data import DataError, Sample, load_samples, split
 from finetune.encode import Collator, Encoded, encode_all, end_of_turn_ids, load_template, pad_id_for_training
-from finetune.recipe import Recipe, load_recipe, resolved, target_modules
+from finetune.recipe import Recipe, TrainingArgs, load_recipe, resolved, target_modules
 from serve.atomic import promote, write_text_atomic
 from serve.config import ModelConfig, load_profile
 from serve.configfile import ConfigError
@@ -147,6 +147,24 @@ def _device_map(use_cpu: bool) -> dict[str, int] | None:
     if parse_flag_from_env("ACCELERATE_USE_FSDP") or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
         return None
     return {"": PartialState().local_process_index}
+
+
+def effective_training(training: TrainingArgs) -> TrainingArgs:
+    """The recipe's training arguments adjusted to the launch topology.
+
+    Under ``accelerate launch`` with FSDP activation checkpointing (``fsdp_activation_checkpointing``,
+    announced as ``FSDP_ACTIVATION_CHECKPOINTING``), the recipe's ``gradient_checkpointing`` is turned
+    off: transformers' Trainer refuses both at once, and would say so only after the weights loaded.
+    """
+    from accelerate.utils import parse_flag_from_env
+
+    fsdp_ac = parse_flag_from_env("ACCELERATE_USE_FSDP") and parse_flag_from_env(
+        "FSDP_ACTIVATION_CHECKPOINTING"
+    )
+    if training.gradient_checkpointing and fsdp_ac:
+        logger.info("FSDP activation checkpointing is on: the recipe's gradient_checkpointing is left to it")
+        return training.model_copy(update={"gradient_checkpointing": False})
+    return training
 
 
 def _load_base(prep: Prepared) -> Any:
@@ -273,7 +291,7 @@ def run(
         )
     prep = prepare(root, recipe_name, data, eval_data)
     logger.info("data ok: %d train / %d eval sequences", len(prep.train), len(prep.eval))
-    t = prep.recipe.training
+    t = effective_training(prep.recipe.training)
     work = checkpoints_dir(output)
     # The recipe's `training:` fields are TrainingArguments fields, same names and meanings. They are
     # built before the weights load (see _load_base).
@@ -325,6 +343,10 @@ def run(
     if trainer.is_world_process_zero() and staging.exists():
         shutil.rmtree(staging)
     trainer.accelerator.wait_for_everyone()
+    if trainer.is_fsdp_enabled:
+        # Checkpoints may stay sharded (fast resume), but Trainer.save_model writes nothing for a
+        # SHARDED_STATE_DICT: gather the (small) adapter for the final save, as Axolotl does.
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(staging))
     if not trainer.is_world_process_zero():
         return None

@@ -233,3 +233,18 @@ def test_qlora_recipe_trains_on_a_4bit_base_and_its_adapter_merges_into_the_full
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         assert not torch.allclose(base(ids).logits, merged(ids).logits)
+
+
+def test_fsdp_activation_checkpointing_replaces_the_recipe_s_gradient_checkpointing(monkeypatch):
+    # configs/accelerate/fsdp2.yaml turns on FSDP's activation checkpointing; the 27B recipes turn on
+    # gradient_checkpointing. transformers' Trainer refuses the pair, so the recipe's yields.
+    from finetune.recipe import TrainingArgs
+    from finetune.train import effective_training
+
+    recipe = TrainingArgs(gradient_checkpointing=True)
+    assert effective_training(recipe).gradient_checkpointing is True
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    assert effective_training(recipe).gradient_checkpointing is False
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "false")
+    assert effective_training(recipe).gradient_checkpointing is True
