@@ -27,6 +27,23 @@ class AdapterError(Exception):
     """The adapter cannot be served as it is; the message says why and what fixes it."""
 
 
+def unservable_reason(module: str) -> str | None:
+    """Why a LoRA on ``module`` (a dotted module name) must not be trained or served, or None.
+
+    vLLM serves LoRA on the language model's linear layers only: it cannot serve embedding / output-head
+    adapters or full module copies (shared/reference/qwen3.6-27b.md), and an adapter must never change
+    the vision tower or the MTP head (the draft model speculative decoding relies on).
+    """
+    parts = module.split(".")
+    if "visual" in parts:
+        return "the vision tower"
+    if "mtp" in parts:
+        return "the MTP head"
+    if any(p in {"embed_tokens", "lm_head", "wte", "embed_out"} for p in parts):
+        return "an embedding or the output head"
+    return None
+
+
 def _base_tensors(base_dir: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """name -> (dtype, shape) of every tensor in the base checkpoint (safetensors headers only)."""
     from safetensors import safe_open
@@ -59,10 +76,12 @@ def _module_of(key: str) -> str | None:
 
 @dataclass(frozen=True)
 class KeyCheck:
-    """What ``check_keys`` found: how many LoRA modules, and which keys it rewrote."""
+    """What ``check_keys`` found: how many LoRA modules, which keys it rewrote, the largest rank in the
+    weights (rows of the ``lora_A`` matrices)."""
 
     modules: int
     renamed: list[str]
+    max_rank: int
 
 
 def check_keys(adapter_dir: Path, base_dir: Path, *, fix: bool = False) -> KeyCheck:
@@ -77,7 +96,8 @@ def check_keys(adapter_dir: Path, base_dir: Path, *, fix: bool = False) -> KeyCh
         The number of LoRA modules and the keys that were rewritten (none when none needed it).
 
     Raises:
-        AdapterError: keys that match no base weight (and cannot or may not be rewritten).
+        AdapterError: keys that match no base weight (and cannot or may not be rewritten), full tensors
+            (not LoRA A/B matrices), or LoRA on modules vLLM cannot serve (:func:`unservable_reason`).
     """
     from safetensors.torch import load_file, save_file
 
@@ -85,6 +105,19 @@ def check_keys(adapter_dir: Path, base_dir: Path, *, fix: bool = False) -> KeyCh
     if not weights.is_file():
         raise AdapterError(f"{weights} not found: is {adapter_dir} a peft LoRA adapter?")
     tensors = load_file(str(weights))
+    full = [k for k in tensors if _module_of(k) is None]
+    if full:
+        raise AdapterError(
+            f"{len(full)} adapter tensors are not LoRA matrices, e.g. {full[0]}: a full module copy "
+            "(modules_to_save, a trained embedding) that vLLM cannot serve; retrain without it"
+        )
+    reasons = {k: r for k in tensors if (r := unservable_reason(_module_of(k) or ""))}
+    if reasons:
+        key, reason = next(iter(reasons.items()))
+        raise AdapterError(
+            f"{len(reasons)} adapter tensors are LoRA on {reason}, e.g. {key}: vLLM cannot serve that (or "
+            "it must never change); retrain with target_modules restricted to the language model"
+        )
     base = _base_tensors(base_dir)
     renames: dict[str, str] = {}
     unmatched: list[str] = []
@@ -118,7 +151,8 @@ def check_keys(adapter_dir: Path, base_dir: Path, *, fix: bool = False) -> KeyCh
         save_file(fixed, tmp, metadata={"format": "pt"})
         os.replace(tmp, weights)
     modules = {m for k in tensors if (m := _module_of(renames.get(k, k))) is not None}
-    return KeyCheck(len(modules), list(renames))
+    ranks = [int(v.shape[0]) for k, v in tensors.items() if ".lora_A." in k and v.ndim == 2]
+    return KeyCheck(len(modules), list(renames), max(ranks, default=0))
 
 
 @dataclass
@@ -144,19 +178,33 @@ def check_adapter(
         max_lora_rank: the profile's ``max_lora_rank`` (None: the profile has LoRA off).
         fix: rewrite known key-prefix mismatches.
     """
+    from serve.config import adapter_rank
+
     report = Report()
     config_path = adapter_dir / "adapter_config.json"
     if not config_path.is_file():
         report.problems.append(f"{config_path} not found: not a peft adapter folder")
         return report
-    config = json.loads(config_path.read_text())
-    report.rank = rank = config.get("r")
+    if not (base_dir / "config.json").is_file():
+        report.problems.append(
+            f"the served base is not on disk ({base_dir / 'config.json'} not found): download or build it "
+            "first (make download / make models), or name another profile"
+        )
+        return report
+    try:
+        config = json.loads(config_path.read_text())
+        rank = adapter_rank(config)
+    except (ValueError, AttributeError) as exc:  # JSONDecodeError is a ValueError
+        report.problems.append(f"{config_path}: not a valid peft adapter config: {exc}")
+        return report
+    report.rank = rank
     if config.get("peft_type", "LORA") != "LORA":
         report.problems.append(f"peft_type {config.get('peft_type')}: vLLM serves LoRA adapters only")
     else:
         report.passed.append(
-            f"LoRA r={rank}, lora_alpha={config.get('lora_alpha')}, "
+            f"LoRA r={config.get('r')}, lora_alpha={config.get('lora_alpha')}, "
             f"target_modules {config.get('target_modules')}"
+            + (f", rank_pattern {config['rank_pattern']}" if config.get("rank_pattern") else "")
         )
     if not config.get("modules_to_save") and not config.get("use_dora"):
         report.passed.append("no modules_to_save, no DoRA (both unservable by vLLM)")
@@ -172,7 +220,9 @@ def check_adapter(
             f"vllm.max_lora_rank >= {rank}"
         )
     elif isinstance(rank, int) and rank > max_lora_rank:
-        report.problems.append(f"rank r={rank} exceeds the profile's max_lora_rank {max_lora_rank}")
+        report.problems.append(
+            f"rank {rank} (largest of r and rank_pattern) exceeds the profile's max_lora_rank {max_lora_rank}"
+        )
     else:
         report.passed.append(f"rank {rank} <= the profile's max_lora_rank {max_lora_rank}")
     if config.get("base_model_name_or_path") == served_model_name:
@@ -193,9 +243,17 @@ def check_adapter(
         report.notes.append(f"no {ADAPTER_INFO}: trained outside the kit, base fingerprint not checked")
     try:
         keys = check_keys(adapter_dir, base_dir, fix=fix)
-        report.passed.append(f"all {keys.modules} LoRA modules name weights of the served base")
+        report.passed.append(
+            f"all {keys.modules} LoRA modules name language-model weights of the served base"
+        )
         if keys.renamed:
             report.notes.append(f"rewrote {len(keys.renamed)} keys to the served class's naming")
+        if keys.max_rank > rank:
+            report.rank = keys.max_rank
+            report.problems.append(
+                f"the weights have rank {keys.max_rank}, above the r / rank_pattern of {config_path} "
+                f"({rank}): the config does not describe these weights"
+            )
     except AdapterError as exc:
         report.problems.append(str(exc))
     return report

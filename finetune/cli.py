@@ -49,7 +49,7 @@ def cmd_validate_data(args: argparse.Namespace) -> int:
     from finetune.train import TrainError, prepare
 
     try:
-        prep = prepare(args.root, args.recipe, args.data, args.eval_data)
+        prep = prepare(args.root, args.recipe, args.data, args.eval_data, need_weights=False)
     except DataError as exc:
         return _fail(exc, 2)
     except TrainError as exc:

@@ -99,7 +99,7 @@ class DataError(Exception):
 
 
 def load_samples(path: Path) -> list[Sample]:
-    """Read, validate and normalise every conversation in a JSONL file.
+    """Read, validate and normalise every conversation in a JSONL file; raise on any problem.
 
     Blank lines are skipped. Every line is checked, and every problem of every line is collected,
     before anything is raised.
@@ -115,6 +115,24 @@ def load_samples(path: Path) -> list[Sample]:
             (all of them, each with its line number). Two lines that normalise to the same
             conversation are a problem on the later line.
     """
+    samples, problems = read_samples(path)
+    if problems:
+        raise DataError(problems, path)
+    return samples
+
+
+def read_samples(path: Path) -> tuple[list[Sample], list[str]]:
+    """Like :func:`load_samples`, but return the good conversations and the problems of the others.
+
+    For callers that check more (lengths after tokenisation, train/eval overlap) and report every
+    problem of every file together.
+
+    Returns:
+        ``(samples without problems, in file order; every problem as PATH:LINE: message)``.
+
+    Raises:
+        DataError: only when the file itself is missing, unreadable or empty.
+    """
     path = Path(path)
     lines = _read_lines(path)
     problems: list[str] = []
@@ -126,21 +144,24 @@ def load_samples(path: Path) -> list[Sample]:
             continue
         sample, line_problems = _parse_sample(number, text)
         if sample is not None:
-            key = json.dumps(
-                {"messages": sample.messages, "tools": sample.tools},
-                sort_keys=True,
-                ensure_ascii=False,
-                separators=(",", ":"),
-            )
+            key = conversation_key(sample)
             if key in first_line_of:
                 line_problems.append(f"duplicate of line {first_line_of[key]} (the same conversation)")
-            else:
+            elif not line_problems:
                 first_line_of[key] = number
                 samples.append(sample)
         problems.extend(f"{path}:{number}: {problem}" for problem in line_problems)
-    if problems:
-        raise DataError(problems, path)
-    return samples
+    return samples, problems
+
+
+def conversation_key(sample: Sample) -> str:
+    """A canonical text of a normalised conversation: equal keys mean the same training example."""
+    return json.dumps(
+        {"messages": sample.messages, "tools": sample.tools},
+        sort_keys=True,
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
 
 
 def split(samples: list[Sample], eval_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:

@@ -74,6 +74,49 @@ def capability_problems(samples: list[Sample], template: str, path: Path) -> lis
     return problems
 
 
+def special_tokens(tokenizer: Any) -> list[str]:
+    """The tokenizer's special tokens as text (``<|im_end|>``, ``<|im_start|>``, ``<|endoftext|>``...):
+    its named specials plus the added tokens flagged ``special``. Longest first."""
+    found = set(tokenizer.all_special_tokens)
+    found.update(t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    return sorted((t for t in found if t), key=len, reverse=True)
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def special_token_problems(samples: list[Sample], tokens: list[str], path: Path) -> list[str]:
+    """Conversations whose text contains a special token.
+
+    The chat template pastes text in verbatim and the tokenizer turns ``<|im_end|>`` in it into the real
+    end-of-turn token, so such text would end a turn early or fake a new one (``<|im_start|>user``)
+    inside a training sequence: rejected, whatever the role.
+    """
+    problems = []
+    for sample in samples:
+        for index, message in enumerate(sample.messages):
+            text = "\n".join(_strings({k: v for k, v in message.items() if k != "role"}))
+            hits = [t for t in tokens if t in text]
+            if hits:
+                problems.append(
+                    f"{path}:{sample.line}: messages[{index}] ({message['role']}) contains the special "
+                    f"token {hits[0]!r}, which would end or fake a turn in training; remove it"
+                )
+        tool_hits = [t for t in tokens if t in "\n".join(_strings(sample.tools))]
+        if tool_hits:
+            problems.append(
+                f"{path}:{sample.line}: tools contain the special token {tool_hits[0]!r}; remove it"
+            )
+    return problems
+
+
 def encode(sample: Sample, tokenizer: Any, template: str) -> Encoded:
     """Render one sample with ``template`` and build its labels from the assistant mask."""
     out = tokenizer.apply_chat_template(
@@ -98,6 +141,10 @@ def sequence_problems(enc: Encoded, end_ids: set[int]) -> list[str]:
         return ["no assistant tokens to learn from"]
     problems = []
     run_ends = [i for i in labelled if i + 1 >= len(enc.labels) or enc.labels[i + 1] == IGNORE]
+    ends = set(run_ends)  # an end-of-turn just before a run's end is reported as "twice" below
+    inner = [i for i in labelled if enc.labels[i] in end_ids and i not in ends and i + 1 not in ends]
+    if inner:
+        problems.append("an assistant turn has an end-of-turn token before its end")
     for end in run_ends:
         if enc.labels[end] not in end_ids:
             problems.append(
@@ -108,15 +155,17 @@ def sequence_problems(enc: Encoded, end_ids: set[int]) -> list[str]:
     return problems
 
 
-def encode_all(
+def encode_checked(
     samples: list[Sample], tokenizer: Any, template: str, max_seq_length: int, path: Path, end_ids: set[int]
-) -> list[Encoded]:
-    """Encode every sample; report every over-long or malformed one at once.
+) -> tuple[list[Encoded], list[str]]:
+    """Encode every sample and check it: template capabilities, special tokens in the text, length,
+    loss mask and end-of-turn tokens.
 
-    Raises:
-        DataError: listing each problem as ``path:line: message``.
+    Returns:
+        ``(encoded sequences, every problem as path:line: message)``.
     """
     problems = capability_problems(samples, template, path)
+    problems += special_token_problems(samples, special_tokens(tokenizer), path)
     encoded = []
     for sample in samples:
         enc = encode(sample, tokenizer, template)
@@ -127,8 +176,20 @@ def encode_all(
             )
         problems += [f"{path}:{sample.line}: {p}" for p in sequence_problems(enc, end_ids)]
         encoded.append(enc)
+    return encoded, problems
+
+
+def encode_all(
+    samples: list[Sample], tokenizer: Any, template: str, max_seq_length: int, path: Path, end_ids: set[int]
+) -> list[Encoded]:
+    """:func:`encode_checked`, raising when anything is wrong.
+
+    Raises:
+        DataError: listing each problem as ``path:line: message``.
+    """
+    encoded, problems = encode_checked(samples, tokenizer, template, max_seq_length, path, end_ids)
     if problems:
-        raise DataError(problems)
+        raise DataError(problems, path)
     return encoded
 
 

@@ -23,9 +23,16 @@ from typing import Any
 
 import yaml
 
-from finetune.adapters import ADAPTER_INFO, AdapterError, base_fingerprint, check_keys
-from finetune.data import DataError, Sample, load_samples, split
-from finetune.encode import Collator, Encoded, encode_all, end_of_turn_ids, load_template, pad_id_for_training
+from finetune.adapters import ADAPTER_INFO, AdapterError, base_fingerprint, check_keys, unservable_reason
+from finetune.data import DataError, Sample, conversation_key, read_samples, split
+from finetune.encode import (
+    Collator,
+    Encoded,
+    encode_checked,
+    end_of_turn_ids,
+    load_template,
+    pad_id_for_training,
+)
 from finetune.recipe import Recipe, TrainingArgs, load_recipe, resolved, target_modules
 from serve.atomic import promote, write_text_atomic
 from serve.config import ModelConfig, load_profile
@@ -64,12 +71,19 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def prepare(root: Path, recipe_name: str, data: Path, eval_data: Path | None = None) -> Prepared:
-    """Validate recipe, base model folder, data and template; tokenize everything.
+def prepare(
+    root: Path, recipe_name: str, data: Path, eval_data: Path | None = None, *, need_weights: bool = True
+) -> Prepared:
+    """Validate recipe, base model folder, LoRA targets, data and template; tokenize everything.
+
+    Args:
+        need_weights: False for ``validate-data``: the base's config and tokenizer files suffice, so data
+            can be checked before a 52 GiB download finishes.
 
     Raises:
-        ConfigError: recipe, model or profile problems.
-        DataError: every data problem (file:line), including over-long samples.
+        ConfigError: recipe, model or profile problems, LoRA targets vLLM cannot serve.
+        DataError: every data problem of the train and eval files at once (file:line), including
+            over-long samples and train/eval overlap.
         TrainError: the base model is not on disk, or the adapter would exceed the profile's limits.
     """
     from transformers import AutoTokenizer, GenerationConfig
@@ -83,9 +97,18 @@ def prepare(root: Path, recipe_name: str, data: Path, eval_data: Path | None = N
                 f"not the recipe's base_model {model.name}"
             ]
         )
-    reason = not_ready_reason(profile)
-    if reason:
-        raise TrainError(reason)
+    if need_weights:
+        reason = not_ready_reason(profile)
+        if reason:
+            raise TrainError(reason)
+    else:
+        missing = [f for f in _CONFIG_FILES if not (profile.model_dir / f).is_file()]
+        if missing:
+            raise TrainError(
+                f"{profile.model_dir / missing[0]} not found: checking data needs the base's config and "
+                f"tokenizer files; run `make download MODEL={model.name}` (or `make models` for the "
+                "embedded ones) first"
+            )
     max_rank = profile.profile.vllm.max_lora_rank
     if max_rank is not None and recipe.lora.r > max_rank:
         raise ConfigError(
@@ -94,28 +117,41 @@ def prepare(root: Path, recipe_name: str, data: Path, eval_data: Path | None = N
                 f"profile {recipe.serve_profile}; vLLM would refuse the adapter"
             ]
         )
-    samples = load_samples(data)
-    eval_samples: list[Sample]
-    eval_path = eval_data or recipe.data.eval_file
-    if eval_path is not None:
-        train_samples, eval_samples = samples, load_samples(eval_path)
-    else:
-        train_samples, eval_samples = split(samples, recipe.data.eval_fraction, recipe.data.seed)
-    tokenizer = AutoTokenizer.from_pretrained(profile.model_dir)
+    target_problems = check_targets(model, profile.model_dir, target_modules(recipe, model))
+    if target_problems:
+        raise ConfigError([f"{recipe_path}: lora.target_modules: {p}" for p in target_problems])
     template_path = recipe.chat_template
     if template_path is not None and not template_path.is_absolute():
         template_path = root / template_path
+    if template_path is not None and not template_path.is_file():
+        raise ConfigError([f"{recipe_path}: chat_template: {template_path} not found"])
+
+    problems: list[str] = []
+    train_samples, found = _read(data)
+    problems += found
+    eval_path = eval_data or recipe.data.eval_file
+    eval_samples: list[Sample] = []
+    if eval_path is not None:
+        eval_samples, found = _read(eval_path)
+        problems += found + _overlap(train_samples, data, eval_samples, eval_path)
+    elif train_samples:
+        train_samples, eval_samples = split(train_samples, recipe.data.eval_fraction, recipe.data.seed)
+    tokenizer = AutoTokenizer.from_pretrained(profile.model_dir)
     template = load_template(template_path, tokenizer)
     end_ids = end_of_turn_ids(tokenizer, GenerationConfig.from_pretrained(profile.model_dir).eos_token_id)
-    problems: list[str] = []
     encoded: dict[str, list[Encoded]] = {}
     for name, group, path in (("train", train_samples, data), ("eval", eval_samples, eval_path or data)):
-        try:
-            encoded[name] = encode_all(group, tokenizer, template, recipe.data.max_seq_length, path, end_ids)
-        except DataError as exc:
-            problems += exc.problems
+        encoded[name], found = encode_checked(
+            group, tokenizer, template, recipe.data.max_seq_length, path, end_ids
+        )
+        problems += found
     if problems:
-        raise DataError(problems)
+        files = f"DATA={data}" + (f" EVAL_DATA={eval_path}" if eval_path is not None else "")
+        raise DataError(
+            problems,
+            data,
+            f"Fix these lines and run `make validate-data {files}` again; nothing was trained.",
+        )
     return Prepared(
         recipe,
         recipe_path,
@@ -129,6 +165,59 @@ def prepare(root: Path, recipe_name: str, data: Path, eval_data: Path | None = N
         _sha256(data),
         max_rank,
     )
+
+
+# What validate-data needs of the base: AutoConfig, AutoTokenizer, GenerationConfig.
+_CONFIG_FILES = ("config.json", "tokenizer_config.json", "generation_config.json")
+
+
+def _read(path: Path) -> tuple[list[Sample], list[str]]:
+    try:
+        return read_samples(path)
+    except DataError as exc:  # missing, unreadable or empty file
+        return [], exc.problems
+
+
+def _overlap(train: list[Sample], train_path: Path, evals: list[Sample], eval_path: Path) -> list[str]:
+    """Eval conversations that are also training conversations (the eval loss would flatter the model)."""
+    first = {conversation_key(s): s.line for s in train}
+    return [
+        f"{eval_path}:{s.line}: the same conversation as {train_path}:{first[key]}; train and eval "
+        "must not share conversations"
+        for s in evals
+        if (key := conversation_key(s)) in first
+    ]
+
+
+def check_targets(model: ModelConfig, model_dir: Path, targets: str | list[str]) -> list[str]:
+    """Match peft ``target_modules`` against the served class built on the meta device (no memory, no
+    weights: well under a second for the 27B), so a bad pattern fails before minutes of loading.
+
+    Returns:
+        Problems: no module matched, or matched modules vLLM cannot serve (:func:`unservable_reason`).
+    """
+    import torch
+    import transformers
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    cls = getattr(transformers, model.architecture, None)
+    if cls is None:
+        return [f"transformers {transformers.__version__} has no class {model.architecture}"]
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        skeleton = cls._from_config(config)
+    lora = LoraConfig(target_modules=targets)
+    matched = [n for n, _ in skeleton.named_modules() if n and check_target_module_exists(lora, n)]
+    if not matched:
+        return [f"{targets!r} matches no module of {model.architecture}"]
+    bad = [(n, r) for n in matched if (r := unservable_reason(n))]
+    if bad:
+        return [
+            f"{targets!r} reaches {bad[0][1]} ({bad[0][0]} and {len(bad) - 1} more); restrict the pattern "
+            "to the language model (e.g. '.*language_model.*\\.(q_proj|...)')"
+        ]
+    return []
 
 
 def _device_map(use_cpu: bool) -> dict[str, int] | None:
@@ -199,7 +288,13 @@ def _load_base(prep: Prepared) -> Any:
             bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
             bnb_4bit_compute_dtype=getattr(torch, q.bnb_4bit_compute_dtype),
         )
-    return cls.from_pretrained(prep.base_dir, **kwargs)
+    try:
+        return cls.from_pretrained(prep.base_dir, **kwargs)
+    except OSError as exc:  # missing or unreadable weight files in a folder marked complete
+        raise TrainError(
+            f"cannot load the base from {prep.base_dir}: {exc}; check it with `make download VERIFY=1` "
+            "(or rebuild it with `make models`)"
+        ) from None
 
 
 def build_peft_model(prep: Prepared, base: Any) -> Any:
@@ -231,7 +326,7 @@ def build_peft_model(prep: Prepared, base: Any) -> Any:
     except ValueError as exc:
         raise TrainError(f"LoRA target_modules matched nothing in {prep.model.architecture}: {exc}") from None
     targeted = [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
-    bad = [n for n in targeted if any(part in n for part in (".visual.", ".mtp.", "embed_tokens", "lm_head"))]
+    bad = [n for n in targeted if unservable_reason(n)]
     if bad:
         raise TrainError(
             f"target_modules reach modules an adapter must not change: {bad[:3]}...; restrict the "

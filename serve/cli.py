@@ -25,7 +25,14 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from serve.config import DownloadSettings, available, load_model_config, load_profile, lora_rank_for
+from serve.config import (
+    DownloadSettings,
+    adapter_rank,
+    available,
+    load_model_config,
+    load_profile,
+    lora_rank_for,
+)
 from serve.configfile import ConfigError, load_yaml
 from serve.gateway.keys import KeyError_, KeyStore
 from serve.gateway.logconfig import log_config
@@ -66,7 +73,10 @@ def _adapter_overrides(pairs: list[str], base: dict[str, Any]) -> dict[str, Any]
                 [f"--adapter {pair!r}: expected NAME=PATH to a peft adapter folder ({config} not found)"]
             )
         modules[name] = str(Path(path).resolve())
-        rank = max(rank, int(json.loads(config.read_text()).get("r", 1)))
+        try:
+            rank = max(rank, adapter_rank(json.loads(config.read_text())))
+        except (ValueError, AttributeError) as exc:  # JSONDecodeError is a ValueError
+            raise ConfigError([f"{config}: not a valid peft adapter config: {exc}"]) from None
     return {
         **base,
         "vllm.enable_lora": True,
@@ -340,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "httpx2", "httpcore"):  # a line per request otherwise (openai logs as httpx2)
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    # bitsandbytes (imported by peft) warns on every CPU run that an optional kernel could not be fetched
+    # from the Hugging Face Hub; its CPU path works without it.
+    bnb_level = logging.DEBUG if args.verbose else logging.ERROR
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(bnb_level)
     try:
         return int(args.func(args))
     except ConfigError as exc:

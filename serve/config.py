@@ -186,6 +186,19 @@ def lora_rank_for(r: int) -> int:
     raise ValueError(f"LoRA rank {r} is above vLLM's maximum {LORA_RANKS[-1]}")
 
 
+def adapter_rank(adapter_config: dict[str, Any]) -> int:
+    """The largest LoRA rank a peft ``adapter_config.json`` declares: ``r`` and any per-module
+    ``rank_pattern`` value (peft lets modules differ; vLLM's ``--max-lora-rank`` must hold the largest).
+
+    Raises:
+        ValueError: ``r`` or a ``rank_pattern`` value is not a positive integer.
+    """
+    ranks = [adapter_config.get("r", 8), *(adapter_config.get("rank_pattern") or {}).values()]
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks):
+        raise ValueError(f"LoRA ranks must be positive integers, got r / rank_pattern {ranks}")
+    return max(ranks)
+
+
 class ServeProfile(_Strict):
     """One way to serve one model on one kind of machine (``configs/serve/<name>.yaml``)."""
 

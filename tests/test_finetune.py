@@ -67,7 +67,7 @@ def test_check_adapter_passes_and_catches_the_causal_lm_prefix(adapter, tmp_path
     assert any("causal-LM naming" in p and "silently" in p for p in report.problems)
     fixed = check_adapter(wrong, TINY, "kit/qwen3_5-tiny", 8, fix=True)
     assert fixed.problems == [] and "rewrote" in fixed.notes[0]
-    assert any("LoRA modules name weights of the served base" in line for line in fixed.passed)
+    assert any("LoRA modules name language-model weights of the served base" in line for line in fixed.passed)
     assert sorted(_keys(wrong)) == sorted(_keys(adapter))
 
 
@@ -80,6 +80,59 @@ def test_check_adapter_refuses_rank_base_and_unservable_modules(adapter, tmp_pat
     config["modules_to_save"] = ["lm_head"]
     (other / "adapter_config.json").write_text(json.dumps(config))
     assert any("modules_to_save" in p for p in check_adapter(other, TINY, "kit/qwen3_5-tiny", 8).problems)
+
+
+def _variant(adapter: Path, folder: Path, *, add: dict | None = None, config: dict | None = None) -> Path:
+    """A copy of ``adapter`` with extra tensors and adapter_config.json fields."""
+    shutil.copytree(adapter, folder)
+    if add:
+        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+        save_file({**tensors, **add}, str(folder / ADAPTER_WEIGHTS))
+    if config:
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**cfg, **config}))
+    return folder
+
+
+def test_check_adapter_refuses_lora_on_the_vision_tower_full_tensors_and_hidden_ranks(adapter, tmp_path):
+    # Each of these loaded as "can be served" before: the check only asked whether the module existed.
+    def problems(folder: Path) -> list[str]:
+        return check_adapter(folder, TINY, "kit/qwen3_5-tiny", 8).problems
+
+    vision = _variant(
+        adapter,
+        tmp_path / "vision",
+        add={
+            "base_model.model.model.visual.blocks.0.attn.qkv.lora_A.weight": torch.zeros(8, 32),
+            "base_model.model.model.visual.blocks.0.attn.qkv.lora_B.weight": torch.zeros(96, 8),
+        },
+    )
+    assert any("vision tower" in p for p in problems(vision)), problems(vision)
+    embed = _variant(
+        adapter,
+        tmp_path / "embed",
+        add={"base_model.model.model.language_model.embed_tokens.base_layer.weight": torch.zeros(1024, 64)},
+    )
+    assert any("not LoRA matrices" in p for p in problems(embed)), problems(embed)
+    ranky = _variant(adapter, tmp_path / "ranky", config={"rank_pattern": {"q_proj": 64}})
+    assert any("rank 64" in p and "exceeds" in p for p in problems(ranky)), problems(ranky)
+    hidden = _variant(
+        adapter,
+        tmp_path / "hidden",
+        add={
+            "base_model.model.model.language_model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(16, 64),
+        },
+    )
+    assert any("weights have rank 16" in p for p in problems(hidden)), problems(hidden)
+
+
+def test_check_adapter_reports_a_broken_config_or_a_missing_base_instead_of_a_traceback(adapter, tmp_path):
+    broken = _variant(adapter, tmp_path / "broken")
+    (broken / "adapter_config.json").write_text("{not json")
+    report = check_adapter(broken, TINY, "kit/qwen3_5-tiny", 8)
+    assert report.problems and "not a valid peft adapter config" in report.problems[0]
+    report = check_adapter(adapter, tmp_path / "no-base", "kit/qwen3_5-tiny", 8)
+    assert report.problems and "not on disk" in report.problems[0]
 
 
 def test_recipes_may_not_target_embeddings_or_the_head():
@@ -248,3 +301,87 @@ def test_fsdp_activation_checkpointing_replaces_the_recipe_s_gradient_checkpoint
     assert effective_training(recipe).gradient_checkpointing is False
     monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "false")
     assert effective_training(recipe).gradient_checkpointing is True
+
+
+@pytest.fixture()
+def root_without_weights(tmp_path) -> Path:
+    """A kit root whose tiny base has its config and tokenizer but no weights (a download in progress)."""
+    root = tmp_path / "kit"
+    shutil.copytree(ROOT / "configs", root / "configs")
+    ignore = shutil.ignore_patterns("*.safetensors", "kit-build.json")  # no weights, no completion marker
+    shutil.copytree(TINY, root / "models" / "qwen3_5-tiny", ignore=ignore)
+    return root
+
+
+def _kit(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "serve.cli", "--root", str(root), *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def test_validate_data_reports_both_files_at_once_and_needs_no_weights(root_without_weights, tmp_path):
+    def line(user: str, answer: str) -> str:
+        return json.dumps(
+            {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+        )
+
+    train = tmp_path / "train.jsonl"
+    train.write_text(
+        "\n".join(
+            [
+                line("Hi", "Hello."),
+                '{"messages": [',  # bad JSON
+                line("Long?", "word " * 3000),  # over max_seq_length 1024 after tokenisation
+                line("Bye", "Goodbye."),
+            ]
+        )
+        + "\n"
+    )
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text(
+        json.dumps(
+            {"messages": [{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}]}
+        )
+        + "\n"
+        + line("Hi", "Hello.")  # the same as train line 1
+        + "\n"
+    )
+    result = _kit(
+        root_without_weights, "validate-data", RECIPE, "--data", str(train), "--eval-data", str(evals)
+    )
+    assert result.returncode == 2, result.stderr
+    where = {p.split(": ")[0].removeprefix("error:\n") for p in result.stderr.splitlines() if ".jsonl:" in p}
+    assert where == {f"{train}:2", f"{train}:3", f"{evals}:1", f"{evals}:2"}, result.stderr
+    assert f"EVAL_DATA={evals}" in result.stderr.splitlines()[-1]
+    good = tmp_path / "good.jsonl"
+    good.write_text(line("Hi", "Hello.") + "\n" + line("Bye", "Goodbye.") + "\n")
+    ok = _kit(root_without_weights, "validate-data", RECIPE, "--data", str(good))
+    assert ok.returncode == 0 and ok.stdout.startswith("ok:"), ok.stderr
+    train_run = _kit(root_without_weights, "finetune", RECIPE, "--data", str(good))
+    assert train_run.returncode == 1 and "make models" in train_run.stderr, train_run.stderr
+    assert "Traceback" not in train_run.stderr
+
+
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [
+        (".*visual.*qkv", "vision tower"),
+        ("nothing_proj", "matches no module"),
+        (".*embed_tokens", "embedding"),
+    ],
+)
+def test_lora_targets_are_checked_on_the_meta_device_before_any_weight_loads(
+    root_without_weights, tmp_path, targets, message
+):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        (ROOT / "configs" / "finetune" / f"{RECIPE}.yaml")
+        .read_text()
+        .replace("  r: 8\n", f"  r: 8\n  target_modules: {json.dumps(targets)}\n")
+    )
+    result = _kit(root_without_weights, "validate-data", str(recipe), "--data", str(GOOD))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
