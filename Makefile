@@ -15,6 +15,7 @@ REPO ?=
 REVISION ?=
 ACCEPT_LICENSE ?=
 VERIFY ?=
+CONFIG_ONLY ?=
 RECIPE ?= smollm2-135m-instruct_lora-cpu
 DATA ?=
 EVAL_DATA ?=
@@ -62,17 +63,21 @@ validate: setup  ## load every shipped config into its schema
 	@$(KIT) validate
 
 download: setup  ## fetch + verify MODEL (default qwen3.6-27b) or REPO=org/name REVISION=sha; DRY_RUN=1 lists files
-	@$(KIT) download $(if $(REPO),--repo $(REPO),$(MODEL)) $(if $(REVISION),--revision $(REVISION)) $(if $(DRY_RUN),--dry-run) $(if $(ACCEPT_LICENSE),--accept-license) $(if $(VERIFY),--verify)
+	@$(KIT) download $(if $(REPO),--repo $(REPO),$(MODEL)) $(if $(REVISION),--revision $(REVISION)) $(if $(DRY_RUN),--dry-run) $(if $(ACCEPT_LICENSE),--accept-license) $(if $(VERIFY),--verify) $(if $(CONFIG_ONLY),--config-only)
+
+NEED_DATA = test -n "$(DATA)" || { echo 'error: set DATA=path/to/conversations.jsonl (one {"messages": [...]} per line; see README "Fine-tuning")' >&2; exit 2; }
 
 finetune-demo: models  ## fine-tune SmolLM2 on a synthetic private fact, serve base + adapter, compare answers
 	@$(KIT) finetune-demo
 
 validate-data: models  ## check DATA=file.jsonl against RECIPE (no weights load)
+	@$(NEED_DATA)
 	@$(KIT) validate-data $(RECIPE) --data $(DATA) $(if $(EVAL_DATA),--eval-data $(EVAL_DATA))
 
 # ACCELERATE=ddp|fsdp2|zero3 runs the same verb under `accelerate launch` with configs/accelerate/<name>.yaml
 # (NUM_PROCESSES= and ACCELERATE_ARGS="..." pass on to it).
 finetune: models  ## LoRA on DATA=file.jsonl with RECIPE (default: the SmolLM2 CPU recipe); FORCE=1 replaces OUTPUT
+	@$(NEED_DATA)
 	@$(if $(ACCELERATE),test -f configs/accelerate/$(ACCELERATE).yaml || { echo "error: no configs/accelerate/$(ACCELERATE).yaml; ACCELERATE= one of: $$(ls configs/accelerate | sed 's/.yaml//' | xargs)" >&2; exit 2; })
 	@$(if $(ACCELERATE),$(VENV)/bin/accelerate launch --config_file configs/accelerate/$(ACCELERATE).yaml $(if $(NUM_PROCESSES),--num_processes $(NUM_PROCESSES)) $(ACCELERATE_ARGS) -m serve.cli,$(KIT)) \
 		finetune $(RECIPE) --data $(DATA) $(if $(EVAL_DATA),--eval-data $(EVAL_DATA)) $(if $(OUTPUT),--output $(OUTPUT)) $(if $(FORCE),--force)

@@ -104,10 +104,14 @@ def prepare(
     else:
         missing = [f for f in _CONFIG_FILES if not (profile.model_dir / f).is_file()]
         if missing:
+            fix = (
+                f"`make download MODEL={model.name} CONFIG_ONLY=1` (a few MB, no weights)"
+                if model.source == "hub"
+                else "`make models`"
+            )
             raise TrainError(
                 f"{profile.model_dir / missing[0]} not found: checking data needs the base's config and "
-                f"tokenizer files; run `make download MODEL={model.name}` (or `make models` for the "
-                "embedded ones) first"
+                f"tokenizer files; fetch them with {fix}"
             )
     max_rank = profile.profile.vllm.max_lora_rank
     if max_rank is not None and recipe.lora.r > max_rank:

@@ -230,7 +230,12 @@ def cmd_download(args: argparse.Namespace) -> int:
             )
     try:
         download(
-            target, settings, accept_license=args.accept_license, dry_run=args.dry_run, reverify=args.verify
+            target,
+            settings,
+            accept_license=args.accept_license,
+            dry_run=args.dry_run,
+            reverify=args.verify,
+            config_only=args.config_only,
         )
     except DownloadError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -307,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--dry-run", action="store_true", help="print what would be fetched, fetch nothing")
     sub.add_argument("--accept-license", action="store_true", help="accept a licence outside the allowlist")
     sub.add_argument("--verify", action="store_true", help="re-hash an already complete copy")
+    sub.add_argument(
+        "--config-only",
+        action="store_true",
+        help="only configs and tokenizer (a few MB): enough to validate fine-tune data",
+    )
     sub = verb("serve", cmd_serve)
     sub.add_argument("profile")
     sub.add_argument("--dry-run", action="store_true", help="print the command, start nothing")

@@ -331,8 +331,11 @@ def _forget(local_dir: Path, names: list[str]) -> None:
         (local_dir / ".cache" / "huggingface" / "download" / f"{name}.metadata").unlink(missing_ok=True)
 
 
-def verify(plan: Plan, api: Any, target: Target) -> int:
+def verify(plan: Plan, api: Any, target: Target, *, unmark: bool = True) -> int:
     """Hash every planned file against the hub's sha256 / git blob id (``verify_repo_checksums``).
+
+    ``unmark=False`` leaves the completion marker alone on failure (a config-only fetch does not speak
+    for the weights).
 
     Returns:
         The number of files checked.
@@ -349,7 +352,8 @@ def verify(plan: Plan, api: Any, target: Target) -> int:
     bad = [m for m in result.mismatches if m["path"] in wanted]
     missing = [p for p in result.missing_paths if p in wanted]
     if bad or missing:
-        (plan.local_dir / MARKER).unlink(missing_ok=True)
+        if unmark:
+            (plan.local_dir / MARKER).unlink(missing_ok=True)
         _forget(plan.local_dir, [m["path"] for m in bad])
         details = [
             f"  {m['path']}: {m['algorithm']} {m['actual'][:16]}… expected {m['expected'][:16]}…" for m in bad
@@ -363,6 +367,51 @@ def verify(plan: Plan, api: Any, target: Target) -> int:
             "marked incomplete and will not be served."
         )
     return len(wanted)
+
+
+def _is_weights(path: str) -> bool:
+    return path.endswith(".safetensors") or path.endswith(".safetensors.index.json")
+
+
+def _without_weights(plan: Plan) -> Plan:
+    files = [f for f in plan.files if not _is_weights(f.path)]
+    missing = sum(f.size for f in files if f.path not in plan.present)
+    present = [p for p in plan.present if not _is_weights(p)]
+    return Plan(
+        plan.repo_id, plan.revision, plan.license, plan.local_dir, files, missing, plan.free_bytes, present
+    )
+
+
+def _fetch_config_only(plan: Plan, target: Target, token: str | None, echo: Callable[[str], None]) -> Outcome:
+    """Fetch and verify the non-weight files of ``plan``; leave the completion marker as it is."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    target.local_dir.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    try:
+        snapshot_download(
+            plan.repo_id,
+            revision=plan.revision,
+            local_dir=target.local_dir,
+            allow_patterns=[f.path for f in plan.files],
+            endpoint=_endpoint(),
+            token=token,
+        )
+    except Exception as exc:
+        raise _hint_for(exc, target) from None
+    count = verify(plan, HfApi(endpoint=_endpoint(), token=token), target, unmark=False)
+    complete = completion_problem(target.local_dir) is None
+    echo(
+        f"done: {count} config and tokenizer files of {plan.repo_id} @ {plan.revision[:12]} verified in "
+        f"{target.local_dir} ({_size(plan.total_bytes)}). "
+        + (
+            "The weights are there too."
+            if complete
+            else "No weights yet: enough for `make validate-data`; the same command without "
+            "CONFIG_ONLY fetches the rest."
+        )
+    )
+    return Outcome(plan, plan.missing_bytes, time.monotonic() - start, already_complete=False)
 
 
 @dataclass
@@ -382,6 +431,7 @@ def download(
     accept_license: bool = False,
     dry_run: bool = False,
     reverify: bool = False,
+    config_only: bool = False,
     token: str | None = None,
     echo: Callable[[str], None] = print,
 ) -> Outcome | None:
@@ -393,6 +443,9 @@ def download(
         accept_license: accept a licence outside the allowlist.
         dry_run: print the plan and stop (returns None).
         reverify: on an already complete copy, hash every file again.
+        config_only: fetch and verify only the small files (configs, tokenizer, chat template; a few
+            MB), so that fine-tune data can be validated while the weights are not there yet. The
+            folder is not marked complete; the same command without it fetches the rest.
         token: hub token; default ``HF_TOKEN`` / the saved login (huggingface_hub's own lookup).
         echo: where progress lines go.
 
@@ -417,9 +470,13 @@ def download(
     api = HfApi(endpoint=_endpoint(), token=token)
     plan = make_plan(target, settings, api)
     check_license(plan, target, accept_license)
+    if config_only:
+        plan = _without_weights(plan)
     if dry_run:
         echo(plan.describe())
         return None
+    if config_only:
+        return _fetch_config_only(plan, target, token, echo)
     manifest_path = target.local_dir / MANIFEST
     previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
     same_snapshot = previous is not None and previous.get("revision") == plan.revision

@@ -41,3 +41,38 @@ def test_full_size_architecture_has_27b_parameters_and_the_config_targets_match(
     # GDN layers: in_proj_qkv, in_proj_z, out_proj (+3 MLP); attention layers: q, k, v, o (+3 MLP).
     assert len(targeted) == 48 * 6 + 16 * 7
     assert not any(".visual." in n for n in targeted)
+
+
+def test_the_27b_recipe_validates_data_from_config_and_tokenizer_files_alone(tmp_path):
+    # What `make download CONFIG_ONLY=1` leaves: the full-size config and the tokenizer, no weights.
+    # validate-data then checks the LoRA targets on the meta device and the data with the 27B recipe's
+    # template. (The tokenizer here is the tiny model's, which has the same special tokens.)
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    root = tmp_path / "kit"
+    shutil.copytree(ROOT / "configs", root / "configs")
+    shutil.copytree(ROOT / "scripts" / "assets", root / "scripts" / "assets")
+    local = root / "models" / "qwen3.6-27b"
+    local.mkdir(parents=True)
+    full = _bench_module().full_size_config()
+    full.architectures = ["Qwen3_5ForConditionalGeneration"]
+    full.save_pretrained(local)
+    tiny = ROOT / "models" / "qwen3_5-tiny"
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(tiny / name, local / name)
+    data = tmp_path / "data.jsonl"
+    good = ROOT / "tests" / "fixtures" / "data" / "good.jsonl"
+    data.write_text(good.read_text())
+    kit = [sys.executable, "-m", "serve.cli", "--root", str(root)]
+    result = subprocess.run(
+        [*kit, "validate-data", "qwen3.6-27b_lora", "--data", str(data)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok: ") and "assistant tokens carry the loss" in result.stdout
+    assert json.loads((local / "config.json").read_text())["text_config"]["num_hidden_layers"] == 64

@@ -296,3 +296,19 @@ def test_disk_full_mid_way_is_a_hint_and_leaves_no_marker(hub, settings, tmp_pat
         download(target(tmp_path), settings, echo=lambda _: None)
     assert caught.value.exit_code == 4 and "resumes" in str(caught.value)
     assert not (tmp_path / "models" / "tiny" / MARKER).exists()
+
+
+def test_config_only_fetches_the_small_files_then_the_full_run_adds_only_the_weights(hub, settings, tmp_path):
+    # `make download CONFIG_ONLY=1`: enough to validate fine-tune data before the 52 GiB arrive.
+    lines: list[str] = []
+    download(target(tmp_path), settings, config_only=True, echo=lines.append)
+    local = tmp_path / "models" / "tiny"
+    assert set(fetched(hub)) == WANTED - {"model.safetensors"}
+    assert (local / "tokenizer.json").read_bytes() == hub.files["tokenizer.json"]
+    assert not (local / "model.safetensors").exists()
+    assert completion_problem(local) is not None, "a config-only copy is never marked complete"
+    assert "No weights yet" in lines[-1]
+    hub.log.clear()
+    outcome = download(target(tmp_path), settings, echo=lambda _: None)
+    assert outcome is not None and fetched(hub) == ["model.safetensors"]
+    assert completion_problem(local) is None
