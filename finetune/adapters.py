@@ -155,6 +155,11 @@ def check_keys(adapter_dir: Path, base_dir: Path, *, fix: bool = False) -> KeyCh
     return KeyCheck(len(modules), list(renames), max(ranks, default=0))
 
 
+def _sorted(targets: object) -> object:
+    """peft writes list targets from a set (random order); sort them for a stable report."""
+    return sorted(targets) if isinstance(targets, list) else targets
+
+
 @dataclass
 class Report:
     """Outcome of ``check_adapter``: ``problems`` make it unservable; ``notes`` are for the operator."""
@@ -203,7 +208,7 @@ def check_adapter(
     else:
         report.passed.append(
             f"LoRA r={config.get('r')}, lora_alpha={config.get('lora_alpha')}, "
-            f"target_modules {config.get('target_modules')}"
+            f"target_modules {_sorted(config.get('target_modules'))}"
             + (f", rank_pattern {config['rank_pattern']}" if config.get("rank_pattern") else "")
         )
     if not config.get("modules_to_save") and not config.get("use_dora"):

@@ -36,9 +36,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return _fail(exc, 1)
     if info is None:  # another rank of a multi-process run; the main process reports
         return 0
+    eval_loss = "n/a (no eval split)" if info["eval_loss"] is None else f"{info['eval_loss']:.4f}"
     print(
         f"adapter: {output}  (steps {info['global_step']}, train loss {info['train_loss']:.4f}, "
-        f"eval loss {info['eval_loss'] if info['eval_loss'] is None else round(info['eval_loss'], 4)})"
+        f"eval loss {eval_loss})"
+    )
+    profile = yaml.safe_load((output / "resolved_config.yaml").read_text())["serve_profile"]
+    print(
+        f"next: make check-adapter ADAPTER={output}, then make up PROFILE={profile} "
+        f'ADAPTERS="{output.name}={output}" and call model "{output.name}"'
     )
     return 0
 
@@ -61,6 +67,8 @@ def cmd_validate_data(args: argparse.Namespace) -> int:
         f"{min(lengths)}-{max(lengths)} (max_seq_length {prep.recipe.data.max_seq_length}); "
         f"{trained} assistant tokens carry the loss"
     )
+    for note in prep.notes:
+        print(f"note: {note}")
     return 0
 
 

@@ -5,7 +5,8 @@ What a plain ``merge_and_unload`` + ``save_pretrained`` loses, and this puts bac
   speculative decoding breaks; shared/reference/qwen3.6-27b.md);
 - the padded vocabulary: embedding and output shapes must equal the base's (some merge paths shrink them
   to the tokenizer's size);
-- tokenizer, chat template, generation and preprocessor configs: copied from the base;
+- tokenizer, generation and preprocessor configs: copied from the base; the chat template is the one
+  the adapter was trained with (``chat_template.jinja`` in the adapter folder), else the base's;
 - the base dtype, and a size within a few percent of the base.
 """
 
@@ -108,6 +109,11 @@ def merge(root: Path, adapter_dir: Path, output: Path, *, force: bool = False) -
         merged.save_pretrained(staging)
         if mtp:
             _add_mtp(staging, mtp)
+        # The template the adapter was trained with (what `h200-lora` serves adapters with) goes with
+        # the merged weights, so the merged model sees the prompts it learned on.
+        trained_template = adapter_dir / "chat_template.jinja"
+        if trained_template.is_file():
+            shutil.copy2(trained_template, staging / "chat_template.jinja")
         for pattern in _CARRIED:
             for path in base_dir.glob(pattern):
                 if path.name not in _NOT_CARRIED and not (staging / path.name).exists():

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,52 @@ class Prepared:
     pad_id: int
     data_sha256: str
     max_lora_rank: int | None
+    serving: dict[str, Any]
+    """How the adapter should be called, recorded in ``kit-adapter.json`` (``serving``) and applied by the
+    gateway under ``kit up``: ``{"chat_template_kwargs": {"enable_thinking": False}}`` when a thinking
+    template trained answers without reasoning (non-thinking mode)."""
+    notes: list[str]
+    """Things the operator should know that do not stop training."""
+
+
+def thinking_decision(samples: list[Sample], template: str) -> tuple[dict[str, Any], list[str]]:
+    """Whether the adapter is a thinking or a non-thinking one, and notes about reasoning the template drops.
+
+    With a template that has ``enable_thinking`` (Qwen3.6), a final answer without ``reasoning_content``
+    renders the empty ``<think></think>`` into the prompt, as ``enable_thinking: false`` does when
+    serving; so data without any reasoning trains the non-thinking mode, and the adapter must be called
+    with thinking off. Reasoning on turns before the last user message is dropped by the template (as
+    the stock Qwen3.6 template does when serving, unless ``preserve_thinking``).
+
+    Returns:
+        ``(serving defaults, notes)``.
+    """
+    if "enable_thinking" not in template:
+        return {}, []
+    final = sum(1 for s in samples if s.messages[-1].get("reasoning_content"))
+    notes = []
+    earlier = 0
+    for sample in samples:
+        last_user = max(i for i, m in enumerate(sample.messages) if m["role"] == "user")
+        earlier += any(m.get("reasoning_content") for m in sample.messages[:last_user])
+    if earlier:
+        notes.append(
+            f"{earlier} conversations have reasoning_content on assistant turns before the last user "
+            "message; the template drops it there (as the stock Qwen3.6 template does when serving), so "
+            "those turns train without their thinking"
+        )
+    if final == 0:
+        notes.append(
+            "no final answer has reasoning_content: this trains the non-thinking mode; the adapter is "
+            'recorded to be called with chat_template_kwargs {"enable_thinking": false} (kit up applies it)'
+        )
+        return {"chat_template_kwargs": {"enable_thinking": False}}, notes
+    if final < len(samples):
+        notes.append(
+            f"{final} of {len(samples)} final answers have reasoning_content: the others train the "
+            "non-thinking mode; the adapter is served with thinking on (the default)"
+        )
+    return {}, notes
 
 
 def _sha256(path: Path) -> str:
@@ -168,6 +215,7 @@ def prepare(
         pad_id_for_training(tokenizer, end_ids),
         _sha256(data),
         max_rank,
+        *thinking_decision(train_samples, template),
     )
 
 
@@ -357,6 +405,46 @@ class _ListDataset:
         return self.items[index]
 
 
+_RUN_FILE = "kit-run.json"
+
+
+def _run_identity(prep: Prepared) -> dict[str, Any]:
+    """What a checkpoint must share with this run to be resumed: the exact token sequences (data,
+    template and split) and the model/LoRA set-up. Training hyperparameters may change between tries."""
+    digest = hashlib.sha256()
+    for enc in [*prep.train, None, *prep.eval]:  # None separates the splits
+        digest.update(json.dumps(None if enc is None else [enc.input_ids, enc.labels]).encode())
+    return {
+        "sequences_sha256": digest.hexdigest(),
+        "base_model": prep.model.name,
+        "lora": prep.recipe.lora.model_dump(mode="json"),
+        "quantization": None if prep.recipe.quantization is None else prep.recipe.quantization.model_dump(),
+    }
+
+
+def _resumable(work: Path, identity: dict[str, Any]) -> bool:
+    """Whether ``work`` holds checkpoints of this same run; record the run's identity there.
+
+    Raises:
+        TrainError: the checkpoints belong to a run with other data or another LoRA set-up (resuming
+            would silently mix the two).
+    """
+    recorded_path = work / _RUN_FILE
+    has_checkpoints = any(work.glob("checkpoint-*"))
+    if has_checkpoints and recorded_path.is_file():
+        recorded = json.loads(recorded_path.read_text())
+        changed = [k for k in identity if recorded.get(k) != identity[k]]
+        if changed:
+            what = ", ".join("data" if k == "sequences_sha256" else k for k in changed)
+            raise TrainError(
+                f"{work} holds checkpoints of an interrupted run with different {what}; resuming would mix "
+                f"the two. Remove it (rm -r {work}) to start over, or train with the original inputs."
+            )
+    work.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(recorded_path, json.dumps(identity, indent=2) + "\n")
+    return has_checkpoints
+
+
 def checkpoints_dir(output: Path) -> Path:
     """Where the Trainer keeps resumable checkpoints and TensorBoard logs for ``output``."""
     return output.with_name(output.name + ".checkpoints")
@@ -390,8 +478,11 @@ def run(
         )
     prep = prepare(root, recipe_name, data, eval_data)
     logger.info("data ok: %d train / %d eval sequences", len(prep.train), len(prep.eval))
+    for note in prep.notes:
+        logger.warning("%s", note)
     t = effective_training(prep.recipe.training)
     work = checkpoints_dir(output)
+    resume = _resumable(work, _run_identity(prep))
     # The recipe's `training:` fields are TrainingArguments fields, same names and meanings. They are
     # built before the weights load (see _load_base).
     args = TrainingArguments(
@@ -401,6 +492,7 @@ def run(
         eval_strategy="steps" if prep.eval else "no",
         save_strategy="steps",
         report_to=["tensorboard"],
+        disable_tqdm=not sys.stderr.isatty(),  # progress bars on a terminal; plain log lines in files/CI
         remove_unused_columns=False,
         dataloader_pin_memory=False,
     )
@@ -413,7 +505,6 @@ def run(
         eval_dataset=_ListDataset(prep.eval) if prep.eval else None,
         data_collator=Collator(prep.pad_id),
     )
-    resume = any(work.glob("checkpoint-*"))
     if resume:
         logger.info("resuming from the last checkpoint in %s", work)
     start = time.monotonic()
@@ -434,6 +525,7 @@ def run(
         "eval_loss": eval_loss,
         "train_seconds": round(time.monotonic() - start, 1),
         "resumed": resume,
+        "serving": prep.serving,
         "world_size": args.world_size,
     }
     # Every rank takes part in saving (FSDP / ZeRO-3 gather the LoRA weights); only the main process

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -196,10 +197,16 @@ def start_vllm(resolved: ResolvedProfile, log_path: Path, extra_env: dict[str, s
 
 
 def gateway_env(
-    upstream_url: str, port: int, keys_db: Path, models: list[str], workers: int = 1, host: str = "127.0.0.1"
+    upstream_url: str,
+    port: int,
+    keys_db: Path,
+    models: list[str],
+    workers: int = 1,
+    host: str = "127.0.0.1",
+    chat_template_kwargs: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, str]:
     """``KIT_GATEWAY_*`` variables for a gateway in front of ``upstream_url``."""
-    return {
+    env = {
         "KIT_GATEWAY_UPSTREAM_URL": upstream_url,
         "KIT_GATEWAY_PORT": str(port),
         "KIT_GATEWAY_HOST": host,
@@ -207,6 +214,28 @@ def gateway_env(
         "KIT_GATEWAY_SERVED_MODEL_NAMES": json.dumps(models),
         "KIT_GATEWAY_WORKERS": str(workers),
     }
+    if chat_template_kwargs:
+        env["KIT_GATEWAY_DEFAULT_CHAT_TEMPLATE_KWARGS"] = json.dumps(chat_template_kwargs)
+    return env
+
+
+def adapter_chat_template_kwargs(lora_modules: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """Per adapter name, the ``chat_template_kwargs`` it was trained for (``serving`` in the
+    ``kit-adapter.json`` that ``make finetune`` writes, e.g. ``{"enable_thinking": false}`` for an
+    adapter trained on answers without reasoning). Adapters from elsewhere have none."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, path in lora_modules.items():
+        info_path = Path(path) / "kit-adapter.json"
+        if not info_path.is_file():
+            continue
+        try:
+            kwargs = json.loads(info_path.read_text()).get("serving", {}).get("chat_template_kwargs")
+        except (ValueError, AttributeError):
+            logger.warning("%s is not valid JSON; serving %s without its template defaults", info_path, name)
+            continue
+        if isinstance(kwargs, dict) and kwargs:
+            out[name] = kwargs
+    return out
 
 
 def start_gateway(env_overrides: dict[str, str], log_path: Path) -> Child:
@@ -266,10 +295,16 @@ def run_stack(
         for attempt in range(1 if gateway_port is not None else 3):
             port = gateway_port if gateway_port is not None else free_port(below_ephemeral=True)
             gateway_url = f"http://127.0.0.1:{port}"
-            gateway = start_gateway(
-                gateway_env(vllm_url, port, keys_db, [name], gateway_workers, gateway_host),
-                log_dir / "gateway.log",
+            env = gateway_env(
+                vllm_url,
+                port,
+                keys_db,
+                [name],
+                gateway_workers,
+                gateway_host,
+                adapter_chat_template_kwargs(resolved.profile.vllm.lora_modules),
             )
+            gateway = start_gateway(env, log_dir / "gateway.log")
             try:
                 wait_gateway_ready(gateway, gateway_url)
                 break

@@ -201,3 +201,27 @@ def test_special_tokens_written_into_text_are_rejected_before_they_fake_a_turn(t
     lines = {int(p.split(":")[1]) for p in problems if "special token" in p}
     assert lines == {1, 2, 3}, problems
     assert not any(p.startswith(f"{GOOD}:4:") for p in problems)
+
+
+def test_data_without_reasoning_makes_a_non_thinking_adapter_and_dropped_reasoning_is_noted(tiny_tok):
+    from finetune.train import thinking_decision
+
+    qwen = load_template(None, tiny_tok)  # the kit's Qwen3.6-style template (enable_thinking)
+    plain = Sample(1, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], None)
+    thinking = Sample(
+        2,
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello.", "reasoning_content": "Greet back."},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye.", "reasoning_content": "Say goodbye."},
+        ],
+        None,
+    )
+    serving, notes = thinking_decision([plain], qwen)
+    assert serving == {"chat_template_kwargs": {"enable_thinking": False}} and len(notes) == 1
+    serving, notes = thinking_decision([thinking], qwen)
+    assert serving == {} and len(notes) == 1 and "before the last user message" in notes[0]
+    serving, notes = thinking_decision([plain, thinking], qwen)
+    assert serving == {} and any("1 of 2 final answers" in n for n in notes)
+    assert thinking_decision([plain], SMOL_TEMPLATE.read_text()) == ({}, [])  # no thinking mode at all

@@ -156,8 +156,13 @@ def test_an_existing_adapter_is_not_overwritten_without_force(adapter):
 def test_merge_keeps_dtype_padded_vocab_and_mtp_and_changes_the_model(adapter, tmp_path):
     import transformers
 
+    trained = tmp_path / "adapter"
+    shutil.copytree(adapter, trained)
+    template = (trained / "chat_template.jinja").read_text() + "{#- the training template #}"
+    (trained / "chat_template.jinja").write_text(template)
     out = tmp_path / "merged"
-    facts = merge(ROOT, adapter, out)
+    facts = merge(ROOT, trained, out)
+    assert (out / "chat_template.jinja").read_text() == template, "merged models keep the training template"
     assert facts["embedding_shape"] == [1024, 64] and facts["mtp_tensors"] == 15
     assert facts["dtype"] == "bfloat16"
     assert abs(facts["merged_bytes"] / facts["base_bytes"] - 1) < 0.05
@@ -200,6 +205,11 @@ def test_a_killed_run_resumes_to_the_same_final_step(tmp_path):
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert not out.exists(), "a killed run leaves no adapter where a complete one is expected"
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(GOOD.read_text().splitlines(keepends=True)[1:]))
+    mixed = subprocess.run([*cmd[:-3], str(other), *cmd[-2:]], capture_output=True, text=True, timeout=300)
+    assert mixed.returncode == 1 and "different data" in mixed.stderr, mixed.stderr[-2000:]
+    assert (checkpoints / "checkpoint-2").is_dir(), "a refused resume keeps the checkpoints"
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     info = json.loads((out / "kit-adapter.json").read_text())
@@ -385,3 +395,27 @@ def test_lora_targets_are_checked_on_the_meta_device_before_any_weight_loads(
     result = _kit(root_without_weights, "validate-data", str(recipe), "--data", str(GOOD))
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_kit_up_hands_each_adapter_s_recorded_template_kwargs_to_the_gateway(tmp_path):
+    from serve.supervisor import adapter_chat_template_kwargs, gateway_env
+
+    def adapter(name: str, info: str | None) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        if info is not None:
+            (folder / "kit-adapter.json").write_text(info)
+        return folder
+
+    modules = {
+        "plain": adapter(
+            "plain", json.dumps({"serving": {"chat_template_kwargs": {"enable_thinking": False}}})
+        ),
+        "thinks": adapter("thinks", json.dumps({"serving": {}})),
+        "foreign": adapter("foreign", None),
+        "broken": adapter("broken", "{oops"),
+    }
+    kwargs = adapter_chat_template_kwargs(modules)
+    assert kwargs == {"plain": {"enable_thinking": False}}
+    env = gateway_env("http://127.0.0.1:1", 2, tmp_path / "k.sqlite", ["m"], chat_template_kwargs=kwargs)
+    assert json.loads(env["KIT_GATEWAY_DEFAULT_CHAT_TEMPLATE_KWARGS"]) == kwargs

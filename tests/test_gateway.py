@@ -45,7 +45,9 @@ def fake_vllm() -> tuple[web.Application, dict[str, Any]]:
 
     async def chat(request: web.Request) -> web.StreamResponse:
         await record(request)
-        body = await request.json()
+        raw = await request.read()
+        seen.setdefault("bodies", []).append(raw)
+        body = json.loads(raw)
         if body.get("model") == "missing":
             return web.Response(status=404, body=VLLM_404, content_type="application/json")
         if not body.get("stream"):
@@ -302,3 +304,35 @@ def test_readyz_requires_the_served_model(upstream, gateway_factory):
     assert reply.status_code == 503
     assert reply.json()["error"]["code"] == "model_not_loaded"
     assert httpx.get(waiting.url + "/healthz").status_code == 200
+
+
+def test_per_model_chat_template_kwargs_fill_only_what_the_request_leaves_unset(upstream, gateway_factory):
+    # An adapter trained without reasoning is called with thinking off; the base, and any request that
+    # says otherwise, are left alone (their bodies reach vLLM byte for byte).
+    server, seen = upstream
+    gateway, key = gateway_factory(
+        server.url, default_chat_template_kwargs={"my-adapter": {"enable_thinking": False}}
+    )
+    auth = {"authorization": f"Bearer {key}"}
+
+    def send(body: dict) -> dict:
+        raw = json.dumps(body, separators=(",", ":")).encode()
+        reply = httpx.post(gateway.url + "/v1/chat/completions", content=raw, headers=auth)
+        assert reply.status_code == 200
+        return {"sent": raw, "got": seen["bodies"][-1]}
+
+    messages = [{"role": "user", "content": "Hi"}]
+    adapter = send({"model": "my-adapter", "messages": messages})
+    assert json.loads(adapter["got"])["chat_template_kwargs"] == {"enable_thinking": False}
+    explicit = send(
+        {
+            "model": "my-adapter",
+            "messages": messages,
+            "chat_template_kwargs": {"enable_thinking": True, "x": 1},
+        }
+    )
+    assert explicit["got"] == explicit["sent"]
+    other_kwarg = send({"model": "my-adapter", "messages": messages, "chat_template_kwargs": {"x": 1}})
+    assert json.loads(other_kwarg["got"])["chat_template_kwargs"] == {"enable_thinking": False, "x": 1}
+    base = send({"model": "m", "messages": messages})
+    assert base["got"] == base["sent"]

@@ -113,19 +113,30 @@ async def _read_body(request: Request, limit: int) -> bytes | None:
     return bytes(body)
 
 
-def _request_facts(body: bytes) -> tuple[str | None, bool]:
-    """``(model, stream)`` from a JSON body; a body that is not a JSON object goes upstream unchanged
-    and vLLM answers it with its own 400."""
+def _request_object(body: bytes) -> dict[str, Any] | None:
+    """The JSON object of a body; None for anything else, which goes upstream unchanged and vLLM answers
+    with its own 400."""
     if not body:
-        return None, False
+        return None
     try:
         obj: Any = json.loads(body)
     except ValueError:
-        return None, False
-    if not isinstance(obj, dict):
-        return None, False
-    model = obj.get("model")
-    return (model if isinstance(model, str) else None), obj.get("stream") is True
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def with_template_defaults(obj: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any] | None:
+    """``obj`` with ``defaults`` under the ``chat_template_kwargs`` keys it does not set; None when
+    nothing changes (the body is then forwarded byte for byte)."""
+    given = obj.get("chat_template_kwargs")
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        return None  # vLLM reports the malformed field itself
+    merged = {**defaults, **given}
+    if merged == given:
+        return None
+    return {**obj, "chat_template_kwargs": merged}
 
 
 def make_endpoint(route: Route) -> Callable[[Request], Awaitable[Response]]:
@@ -142,9 +153,16 @@ def make_endpoint(route: Route) -> Callable[[Request], Awaitable[Response]]:
         body = await _read_body(request, gateway.settings.max_body_bytes)
         if body is None:
             return _too_large(gateway.settings.max_body_bytes)
-        model, stream = _request_facts(body)
+        obj = _request_object(body)
+        model = obj.get("model") if obj is not None else None
+        model = model if isinstance(model, str) else None
         info["model"] = model
-        info["stream"] = stream
+        info["stream"] = obj is not None and obj.get("stream") is True
+        defaults = gateway.settings.default_chat_template_kwargs.get(model or "")
+        if defaults and obj is not None and route.path == "/v1/chat/completions":
+            changed = with_template_defaults(obj, defaults)
+            if changed is not None:
+                body = json.dumps(changed).encode()
         headers = {h: v for h in _FORWARD_REQUEST_HEADERS if (v := request.headers.get(h)) is not None}
         headers.update(gateway.upstream_headers)
         url = gateway.settings.upstream_base + route.path

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import AnyHttpUrl, Field, SecretStr, field_validator
 from pydantic_settings import (
@@ -47,6 +48,11 @@ class GatewaySettings(BaseSettings):
     retry_after_s: int = Field(default=5, ge=1)
     """``Retry-After`` sent with 503 while the upstream is down or starting."""
     log_level: str = "INFO"
+    default_chat_template_kwargs: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per model id: ``chat_template_kwargs`` a ``/v1/chat/completions`` request gets for the keys it does
+    not set itself. vLLM's ``--default-chat-template-kwargs`` is one value for the whole server; this
+    lets an adapter trained without reasoning (non-thinking) sit next to a base that thinks by default
+    (``kit up`` fills it from each adapter's ``kit-adapter.json``)."""
 
     @field_validator("upstream_url")
     @classmethod
