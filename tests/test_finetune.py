@@ -419,3 +419,35 @@ def test_kit_up_hands_each_adapter_s_recorded_template_kwargs_to_the_gateway(tmp
     assert kwargs == {"plain": {"enable_thinking": False}}
     env = gateway_env("http://127.0.0.1:1", 2, tmp_path / "k.sqlite", ["m"], chat_template_kwargs=kwargs)
     assert json.loads(env["KIT_GATEWAY_DEFAULT_CHAT_TEMPLATE_KWARGS"]) == kwargs
+
+
+def test_the_readme_s_recipe_for_serving_a_merged_model_gives_a_ready_profile(adapter, tmp_path):
+    # README "Serving a merged model": a model config with source: build pointing at the merge output,
+    # and a profile naming it. Shown here with the 27B's own config file, edited as the README says.
+    import yaml
+
+    from serve.config import load_profile
+    from serve.modeldir import not_ready_reason
+    from serve.render import render
+
+    root = tmp_path / "kit"
+    shutil.copytree(ROOT / "configs", root / "configs")
+    (root / "models").mkdir()
+    (root / "models" / "qwen3_5-tiny").symlink_to(TINY)
+    merge(root, adapter, root / "adapters" / "my-merged")
+    model = yaml.safe_load((ROOT / "configs" / "models" / "qwen3.6-27b.yaml").read_text())
+    model.pop("revision")
+    model |= {
+        "name": "my-merged",
+        "source": "build",
+        "build_command": "make merge ADAPTER=adapters/my",
+        "local_dir": "adapters/my-merged",
+        "served_model_name": "my-merged",
+    }
+    (root / "configs" / "models" / "my-merged.yaml").write_text(yaml.safe_dump(model))
+    profile = yaml.safe_load((ROOT / "configs" / "serve" / "h200.yaml").read_text()) | {"model": "my-merged"}
+    (root / "configs" / "serve" / "h200-my-merged.yaml").write_text(yaml.safe_dump(profile))
+    resolved = load_profile(root, "h200-my-merged")
+    assert not_ready_reason(resolved) is None
+    command = render(resolved).shell()
+    assert str(root / "adapters" / "my-merged") in command and "--served-model-name my-merged" in command
