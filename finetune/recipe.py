@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve.config import ModelConfig, load_model_config
 from serve.configfile import ConfigError, load_yaml
@@ -33,6 +33,18 @@ class LoraArgs(_Strict):
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: str | list[str] | None = None
     """None takes the model config's ``lora.target_modules``."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _servable(cls, targets: str | list[str] | None) -> str | list[str] | None:
+        names = [targets] if isinstance(targets, str) else targets or []
+        for name in names:
+            if _FORBIDDEN_TARGETS.search(name) or name in {"embed_tokens", "lm_head"}:
+                raise ValueError(
+                    f"must not include {name!r}: vLLM cannot serve adapters that train embeddings or the "
+                    "output head"
+                )
+        return targets
 
 
 class QuantizationArgs(_Strict):
@@ -98,18 +110,6 @@ class Recipe(_Strict):
     quantization: QuantizationArgs | None = None
     data: DataArgs = DataArgs()
     training: TrainingArgs = TrainingArgs()
-
-    @model_validator(mode="after")
-    def _targets(self) -> Recipe:
-        targets = self.lora.target_modules
-        names = [targets] if isinstance(targets, str) else targets or []
-        for name in names:
-            if _FORBIDDEN_TARGETS.search(name) or name in {"embed_tokens", "lm_head"}:
-                raise ValueError(
-                    f"target_modules must not include {name!r}: vLLM cannot serve adapters that "
-                    "train embeddings or the output head"
-                )
-        return self
 
 
 def load_recipe(root: Path, name_or_path: str) -> tuple[Recipe, ModelConfig, Path]:

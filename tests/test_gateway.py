@@ -41,7 +41,15 @@ def fake_vllm() -> tuple[web.Application, dict[str, Any]]:
 
     async def models(request: web.Request) -> web.Response:
         await record(request)
-        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"id": "m", "object": "model", "root": "/srv/models/m", "parent": None},
+                    {"id": "my", "object": "model", "root": "/home/op/adapters/my", "parent": "m"},
+                ],
+            }
+        )
 
     async def chat(request: web.Request) -> web.StreamResponse:
         await record(request)
@@ -298,7 +306,7 @@ def test_access_log_has_request_id_and_key_name_but_no_prompt_or_key(upstream, g
 def test_readyz_requires_the_served_model(upstream, gateway_factory):
     server, _ = upstream
     ready, _ = gateway_factory(server.url, served_model_names=["m"])
-    assert ready.url and httpx.get(ready.url + "/readyz").json() == {"status": "ready", "models": ["m"]}
+    assert ready.url and httpx.get(ready.url + "/readyz").json() == {"status": "ready", "models": ["m", "my"]}
     waiting, _ = gateway_factory(server.url, served_model_names=["other"])
     reply = httpx.get(waiting.url + "/readyz")
     assert reply.status_code == 503
@@ -336,3 +344,14 @@ def test_per_model_chat_template_kwargs_fill_only_what_the_request_leaves_unset(
     assert json.loads(other_kwarg["got"])["chat_template_kwargs"] == {"enable_thinking": False, "x": 1}
     base = send({"model": "m", "messages": messages})
     assert base["got"] == base["sent"]
+
+
+def test_models_listing_does_not_reveal_server_folders(upstream, gateway_factory):
+    server, _ = upstream
+    gateway, key = gateway_factory(server.url)
+    listing = httpx.get(gateway.url + "/v1/models", headers={"authorization": f"Bearer {key}"}).json()
+    assert [(m["id"], m["root"], m["parent"]) for m in listing["data"]] == [
+        ("m", "m", None),
+        ("my", "my", "m"),
+    ]
+    assert "/srv/" not in json.dumps(listing) and "/home/" not in json.dumps(listing)

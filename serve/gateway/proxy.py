@@ -139,6 +139,23 @@ def with_template_defaults(obj: dict[str, Any], defaults: dict[str, Any]) -> dic
     return {**obj, "chat_template_kwargs": merged}
 
 
+def without_server_paths(payload: bytes) -> bytes:
+    """A ``/v1/models`` body with each model's ``root`` (vLLM puts the model's or adapter's folder on the
+    server there) replaced by its id: API clients need not learn the server's file layout. Anything
+    that is not the expected JSON passes unchanged."""
+    try:
+        listing = json.loads(payload)
+    except ValueError:
+        return payload
+    models = listing.get("data") if isinstance(listing, dict) else None
+    if not isinstance(models, list):
+        return payload
+    for entry in models:
+        if isinstance(entry, dict) and "root" in entry and "id" in entry:
+            entry["root"] = entry["id"]
+    return json.dumps(listing).encode()
+
+
 def make_endpoint(route: Route) -> Callable[[Request], Awaitable[Response]]:
     """The Starlette endpoint that forwards ``route`` to the upstream."""
 
@@ -190,6 +207,8 @@ def make_endpoint(route: Route) -> Callable[[Request], Awaitable[Response]]:
                 usage = UsageCounter()
                 usage.feed_body(payload)
                 _record_usage(gateway, model, usage)
+            if route.path == "/v1/models" and upstream.status == 200:
+                payload = without_server_paths(payload)
             # Upstream error bodies pass through unchanged, status and content type included.
             return Response(payload, upstream.status, media_type=content_type)
         return StreamingResponse(
