@@ -382,12 +382,11 @@ def _without_weights(plan: Plan) -> Plan:
     )
 
 
-def _fetch_config_only(plan: Plan, target: Target, token: str | None, echo: Callable[[str], None]) -> Outcome:
-    """Fetch and verify the non-weight files of ``plan``; leave the completion marker as it is."""
-    from huggingface_hub import HfApi, snapshot_download
+def _fetch(plan: Plan, target: Target, token: str | None) -> None:
+    """Transfer the plan's files into ``target.local_dir`` (huggingface_hub resumes and retries)."""
+    from huggingface_hub import snapshot_download
 
     target.local_dir.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
     try:
         snapshot_download(
             plan.repo_id,
@@ -399,6 +398,14 @@ def _fetch_config_only(plan: Plan, target: Target, token: str | None, echo: Call
         )
     except Exception as exc:
         raise _hint_for(exc, target) from None
+
+
+def _fetch_config_only(plan: Plan, target: Target, token: str | None, echo: Callable[[str], None]) -> Outcome:
+    """Fetch and verify the non-weight files of ``plan``; leave the completion marker as it is."""
+    from huggingface_hub import HfApi
+
+    start = time.monotonic()
+    _fetch(plan, target, token)
     count = verify(plan, HfApi(endpoint=_endpoint(), token=token), target, unmark=False)
     complete = completion_problem(target.local_dir) is None
     echo(
@@ -465,7 +472,7 @@ def download(
         echo(f"offline: {target.local_dir} is complete (manifest and sizes checked; nothing fetched)")
         return None
 
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi
 
     api = HfApi(endpoint=_endpoint(), token=token)
     plan = make_plan(target, settings, api)
@@ -498,17 +505,7 @@ def download(
     target.local_dir.mkdir(parents=True, exist_ok=True)
     (target.local_dir / MARKER).unlink(missing_ok=True)  # incomplete until verified again
     start = time.monotonic()
-    try:
-        snapshot_download(
-            plan.repo_id,
-            revision=plan.revision,
-            local_dir=target.local_dir,
-            allow_patterns=[f.path for f in plan.files],
-            endpoint=_endpoint(),
-            token=token,
-        )
-    except Exception as exc:
-        raise _hint_for(exc, target) from None
+    _fetch(plan, target, token)
     seconds = time.monotonic() - start
     count = verify(plan, api, target)
     text = _manifest_text(plan)
