@@ -52,7 +52,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_validate_data(args: argparse.Namespace) -> int:
     """Check a JSONL against a recipe (structure, template, lengths) without loading any weights."""
     from finetune.data import DataError
-    from finetune.train import TrainError, prepare
+    from finetune.prepare import TrainError, prepare
 
     try:
         prep = prepare(args.root, args.recipe, args.data, args.eval_data, need_weights=False)

@@ -204,7 +204,7 @@ def test_special_tokens_written_into_text_are_rejected_before_they_fake_a_turn(t
 
 
 def test_data_without_reasoning_makes_a_non_thinking_adapter_and_dropped_reasoning_is_noted(tiny_tok):
-    from finetune.train import thinking_decision
+    from finetune.prepare import thinking_decision
 
     qwen = load_template(None, tiny_tok)  # the kit's Qwen3.6-style template (enable_thinking)
     plain = Sample(1, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], None)
