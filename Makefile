@@ -23,7 +23,6 @@ OUTPUT ?=
 FORCE ?=
 ADAPTER ?=
 ADAPTERS ?=
-CHECK_PROFILE ?=
 FIX ?=
 ACCELERATE ?=
 # With ACCELERATE=: one process per GPU on this machine unless NUM_PROCESSES says otherwise.
@@ -82,7 +81,9 @@ finetune: models  ## LoRA on DATA=file.jsonl with RECIPE (default: the SmolLM2 C
 	@$(if $(ACCELERATE),$(VENV)/bin/accelerate launch --config_file configs/accelerate/$(ACCELERATE).yaml $(if $(NUM_PROCESSES),--num_processes $(NUM_PROCESSES)) $(ACCELERATE_ARGS) -m serve.cli,$(KIT)) \
 		finetune $(RECIPE) --data $(DATA) $(if $(EVAL_DATA),--eval-data $(EVAL_DATA)) $(if $(OUTPUT),--output $(OUTPUT)) $(if $(FORCE),--force)
 
-check-adapter: setup  ## check ADAPTER=dir against its recipe's serve profile (or CHECK_PROFILE=...); FIX=1 rewrites keys
+# PROFILE= counts only when given (its default is the machine's serving profile, not the adapter's).
+CHECK_PROFILE ?= $(if $(filter command line environment,$(origin PROFILE)),$(PROFILE))
+check-adapter: setup  ## check ADAPTER=dir against its recipe's serve profile (or PROFILE=...); FIX=1 rewrites keys
 	@$(KIT) check-adapter $(ADAPTER) $(if $(CHECK_PROFILE),--profile $(CHECK_PROFILE)) $(if $(FIX),--fix)
 
 merge: setup  ## merge ADAPTER=dir into its base (OUTPUT=dir, default <adapter>-merged)

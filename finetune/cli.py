@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +30,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from finetune.train import TrainError, run
 
     output = args.output or args.root / "adapters" / args.data.stem
+    if os.environ.get("RANK", "0") != "0":
+        # Under `accelerate launch` every rank runs this; only the main one talks (as transformers'
+        # own log_level_replica does), so each line appears once.
+        import transformers
+
+        logging.getLogger().setLevel(logging.ERROR)
+        transformers.logging.set_verbosity_error()
     try:
         info = run(args.root, args.recipe, args.data, output, force=args.force, eval_data=args.eval_data)
     except DataError as exc:

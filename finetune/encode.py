@@ -165,7 +165,10 @@ def encode_checked(
         ``(encoded sequences, every problem as path:line: message)``.
     """
     problems = capability_problems(samples, template, path)
-    problems += special_token_problems(samples, special_tokens(tokenizer), path)
+    token_problems = special_token_problems(samples, special_tokens(tokenizer), path)
+    problems += token_problems
+    # A special token in the text also breaks the turn structure; report the cause only.
+    flagged = {int(p.removeprefix(f"{path}:").split(":", 1)[0]) for p in token_problems}
     encoded = []
     for sample in samples:
         enc = encode(sample, tokenizer, template)
@@ -174,7 +177,8 @@ def encode_checked(
                 f"{path}:{sample.line}: {len(enc.input_ids)} tokens, over the recipe's "
                 f"max_seq_length of {max_seq_length} (shorten it or raise data.max_seq_length)"
             )
-        problems += [f"{path}:{sample.line}: {p}" for p in sequence_problems(enc, end_ids)]
+        if sample.line not in flagged:
+            problems += [f"{path}:{sample.line}: {p}" for p in sequence_problems(enc, end_ids)]
         encoded.append(enc)
     return encoded, problems
 

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -27,6 +28,7 @@ from pydantic import ValidationError
 
 from serve.config import (
     DownloadSettings,
+    ResolvedProfile,
     adapter_rank,
     available,
     load_model_config,
@@ -100,6 +102,30 @@ def _gateway_settings(config: Path | None) -> GatewaySettings:
         raise ConfigError([str(exc)]) from None
 
 
+def _check_adapters(resolved: ResolvedProfile) -> None:
+    """Run ``check-adapter``'s static checks on every adapter the profile will load, before vLLM starts
+    (vLLM would otherwise fail ~30 s into its start-up with a traceback, or serve a no-op adapter).
+
+    Raises:
+        ConfigError: every problem of every adapter, with the command that shows the full report.
+    """
+    from finetune.adapters import check_adapter
+
+    problems = []
+    vllm = resolved.profile.vllm
+    for name, path in vllm.lora_modules.items():
+        served = resolved.model.served_model_name
+        report = check_adapter(Path(path), resolved.model_dir, served, vllm.max_lora_rank)
+        problems += [f"adapter {name} ({path}): {problem}" for problem in report.problems]
+    if problems:
+        raise ConfigError(
+            problems,
+            hint="`make check-adapter ADAPTER=<dir> PROFILE=<profile>` shows each check; train the adapter "
+            "for this profile's base model, or serve it with the profile it was trained for",
+            title=f"adapters that profile {resolved.name} cannot serve",
+        )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run vLLM for a serve profile in the foreground (``--dry-run`` prints the exact command only)."""
     resolved = load_profile(args.root, args.profile, _adapter_overrides(args.adapter, _overrides(args.set)))
@@ -110,6 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     reason = not_ready_reason(resolved)
     if reason:
         raise ConfigError([reason], title="the model is not ready to serve")
+    _check_adapters(resolved)
     print(command.shell(), flush=True)
     env = {**os.environ, **command.env}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -141,6 +168,15 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def _public_url(host: str, port: int) -> str:
+    """Where to call the gateway's OpenAI API: a wildcard bind address is not a URL, so name this machine."""
+    if host in {"0.0.0.0", "::", ""}:
+        return (
+            f"http://{socket.gethostname()}:{port}/v1 (all interfaces; here also http://127.0.0.1:{port}/v1)"
+        )
+    return f"http://{host}:{port}/v1"
+
+
 def _install_sigterm() -> None:
     def handler(signum: int, frame: object) -> None:
         raise _Stop()
@@ -154,6 +190,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     reason = not_ready_reason(resolved)
     if reason:
         raise ConfigError([reason], title="the model is not ready to serve")
+    _check_adapters(resolved)
     settings = _gateway_settings(args.config)
     _install_sigterm()
     log_dir = args.root / "state" / "logs"
@@ -169,8 +206,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         ) as stack:
             models = [stack.served_model_name, *resolved.profile.vllm.lora_modules]
             print(
-                f"ready: models {models} at http://{settings.host}:{settings.port}/v1 (keys: make key "
-                "NAME=...). Ctrl-C stops both.",
+                f"ready: models {models} at {_public_url(settings.host, settings.port)}; keys: make key "
+                "NAME=... Ctrl-C stops both.",
                 flush=True,
             )
             while all(c.alive() for c in stack.children()):

@@ -200,6 +200,7 @@ def test_special_tokens_written_into_text_are_rejected_before_they_fake_a_turn(t
     _, problems = encode_checked(samples, tok, template, 4096, GOOD, end_of_turn_ids(tok, None))
     lines = {int(p.split(":")[1]) for p in problems if "special token" in p}
     assert lines == {1, 2, 3}, problems
+    assert not any("before its end" in p for p in problems), "the cause is reported, not its echo"
     assert not any(p.startswith(f"{GOOD}:4:") for p in problems)
 
 

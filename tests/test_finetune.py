@@ -270,6 +270,7 @@ def test_make_finetune_accelerate_ddp_trains_on_two_processes_and_writes_once(tm
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("adapter: ") == 1, result.stdout
+    assert result.stderr.count("data ok:") == 1, "only the main rank logs"
     info = json.loads((out / "kit-adapter.json").read_text())
     assert info["world_size"] == 2 and info["global_step"] == 6
     assert not out.with_name("ddp-adapter.partial").exists()
@@ -451,3 +452,16 @@ def test_the_readme_s_recipe_for_serving_a_merged_model_gives_a_ready_profile(ad
     assert not_ready_reason(resolved) is None
     command = render(resolved).shell()
     assert str(root / "adapters" / "my-merged") in command and "--served-model-name my-merged" in command
+
+
+def test_serving_an_adapter_of_another_base_fails_before_vllm_starts(adapter):
+    # The tiny qwen3_5 adapter under the SmolLM2 profile: vLLM would fail ~30 s into start-up with a
+    # traceback; the kit refuses at once and says why.
+    for verb in ("serve", "up"):
+        started = time.monotonic()
+        result = _kit(ROOT, verb, "cpu-demo-lora", "--adapter", f"tiny={adapter}")
+        assert result.returncode == 2, result.stderr
+        assert "adapters that profile cpu-demo-lora cannot serve" in result.stderr
+        assert "profile serves 'HuggingFaceTB/SmolLM2-135M-Instruct'" in result.stderr
+        assert "Traceback" not in result.stderr and "starting vLLM" not in result.stdout
+        assert time.monotonic() - started < 60
