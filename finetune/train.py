@@ -269,6 +269,11 @@ def run(
         logger.info("resuming from the last checkpoint in %s", work)
     start = time.monotonic()
     result = trainer.train(resume_from_checkpoint=True if resume else None)
+    eval_history = [
+        {"step": entry["step"], "eval_loss": round(entry["eval_loss"], 6)}
+        for entry in trainer.state.log_history
+        if "eval_loss" in entry
+    ]
     eval_loss = trainer.evaluate()["eval_loss"] if prep.eval else None
     info = {
         "base_model": prep.model.name,
@@ -283,6 +288,7 @@ def run(
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
         "eval_loss": eval_loss,
+        "eval_history": eval_history,
         "train_seconds": round(time.monotonic() - start, 1),
         "resumed": resume,
         "serving": prep.serving,

@@ -50,7 +50,10 @@ def test_adapter_keys_use_the_served_class_s_names_and_skip_vision_and_mtp(adapt
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "kit/qwen3_5-tiny" and config["r"] == 8
     assert (adapter / "resolved_config.yaml").is_file() and (adapter / "chat_template.jinja").is_file()
-    assert json.loads((adapter / "kit-adapter.json").read_text())["eval_loss"] is not None
+    info = json.loads((adapter / "kit-adapter.json").read_text())
+    assert info["eval_loss"] is not None
+    assert [e["step"] for e in info["eval_history"]] == [2, 4, 6], "eval loss every eval_steps"
+    assert list(adapter.parent.glob("tiny-adapter.checkpoints/runs/*/events.out.tfevents.*")), "TensorBoard"
     assert not list(adapter.parent.glob("tiny-adapter.checkpoints/checkpoint-*")), "checkpoints cleaned up"
 
 
