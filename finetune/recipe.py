@@ -7,18 +7,14 @@ topology (DDP, FSDP2, ZeRO-3) lives apart, in ``configs/accelerate/``.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from finetune.adapters import unservable_reason
 from serve.config import ModelConfig, load_model_config
 from serve.configfile import ConfigError, load_yaml
-
-# Module names vLLM cannot serve as LoRA targets: full embedding / output copies
-# (shared/reference/qwen3.6-27b.md: "vLLM cannot serve peft modules_to_save").
-_FORBIDDEN_TARGETS = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|embed_out)$")
 
 
 class _Strict(BaseModel):
@@ -37,13 +33,13 @@ class LoraArgs(_Strict):
     @field_validator("target_modules")
     @classmethod
     def _servable(cls, targets: str | list[str] | None) -> str | list[str] | None:
+        """Module names that are plainly unservable fail here; patterns are matched against the model on
+        the meta device before training (``finetune.prepare.check_targets``)."""
         names = [targets] if isinstance(targets, str) else targets or []
         for name in names:
-            if _FORBIDDEN_TARGETS.search(name) or name in {"embed_tokens", "lm_head"}:
-                raise ValueError(
-                    f"must not include {name!r}: vLLM cannot serve adapters that train embeddings or the "
-                    "output head"
-                )
+            reason = unservable_reason(name)
+            if reason:
+                raise ValueError(f"must not include {name!r}: vLLM cannot serve LoRA on {reason}")
         return targets
 
 
