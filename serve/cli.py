@@ -215,7 +215,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             for child in stack.children():
                 child.check_alive()
     except (KeyboardInterrupt, _Stop):
-        print("stopping vLLM and the gateway", flush=True)
+        print("stopped vLLM and the gateway", flush=True)  # run_stack has stopped both by now
     return 0
 
 

@@ -71,7 +71,7 @@ def test_up_serves_through_two_workers_and_stops_everything_on_sigterm(tmp_path)
         up.send_signal(signal.SIGTERM)
         output, _ = up.communicate(timeout=60)
     assert up.returncode == 0, output
-    assert "stopping vLLM and the gateway" in output
+    assert "stopped vLLM and the gateway" in output
     # Every worker writes the JSON access log (uvicorn's workers do not inherit the parent's logging).
     log = (ROOT / "state" / "logs" / "gateway.log").read_text()
     lines = [json.loads(line) for line in log.splitlines() if f"up-test-{vllm_port}-" in line]
