@@ -92,28 +92,25 @@ def _strings(value: Any) -> list[str]:
     return []
 
 
-def special_token_problems(samples: list[Sample], tokens: list[str], path: Path) -> list[str]:
-    """Conversations whose text contains a special token.
+def special_token_problems(sample: Sample, tokens: list[str]) -> list[str]:
+    """Where one conversation's text contains a special token (problems without the ``path:line:``).
 
     The chat template pastes text in verbatim and the tokenizer turns ``<|im_end|>`` in it into the real
     end-of-turn token, so such text would end a turn early or fake a new one (``<|im_start|>user``)
     inside a training sequence: rejected, whatever the role.
     """
     problems = []
-    for sample in samples:
-        for index, message in enumerate(sample.messages):
-            text = "\n".join(_strings({k: v for k, v in message.items() if k != "role"}))
-            hits = [t for t in tokens if t in text]
-            if hits:
-                problems.append(
-                    f"{path}:{sample.line}: messages[{index}] ({message['role']}) contains the special "
-                    f"token {hits[0]!r}, which would end or fake a turn in training; remove it"
-                )
-        tool_hits = [t for t in tokens if t in "\n".join(_strings(sample.tools))]
-        if tool_hits:
+    for index, message in enumerate(sample.messages):
+        text = "\n".join(_strings({k: v for k, v in message.items() if k != "role"}))
+        hits = [t for t in tokens if t in text]
+        if hits:
             problems.append(
-                f"{path}:{sample.line}: tools contain the special token {tool_hits[0]!r}; remove it"
+                f"messages[{index}] ({message['role']}) contains the special token {hits[0]!r}, which "
+                "would end or fake a turn in training; remove it"
             )
+    tool_hits = [t for t in tokens if t in "\n".join(_strings(sample.tools))]
+    if tool_hits:
+        problems.append(f"tools contain the special token {tool_hits[0]!r}; remove it")
     return problems
 
 
@@ -165,10 +162,7 @@ def encode_checked(
         ``(encoded sequences, every problem as path:line: message)``.
     """
     problems = capability_problems(samples, template, path)
-    token_problems = special_token_problems(samples, special_tokens(tokenizer), path)
-    problems += token_problems
-    # A special token in the text also breaks the turn structure; report the cause only.
-    flagged = {int(p.removeprefix(f"{path}:").split(":", 1)[0]) for p in token_problems}
+    tokens = special_tokens(tokenizer)
     encoded = []
     for sample in samples:
         enc = encode(sample, tokenizer, template)
@@ -177,8 +171,9 @@ def encode_checked(
                 f"{path}:{sample.line}: {len(enc.input_ids)} tokens, over the recipe's "
                 f"max_seq_length of {max_seq_length} (shorten it or raise data.max_seq_length)"
             )
-        if sample.line not in flagged:
-            problems += [f"{path}:{sample.line}: {p}" for p in sequence_problems(enc, end_ids)]
+        # A special token in the text also breaks the turn structure; report the cause only.
+        found = special_token_problems(sample, tokens) or sequence_problems(enc, end_ids)
+        problems += [f"{path}:{sample.line}: {p}" for p in found]
         encoded.append(enc)
     return encoded, problems
 
