@@ -1,4 +1,4 @@
-"""Shared fixtures: the kit root, and servers run in background threads for gateway unit tests."""
+"""Shared fixtures: the kit root, servers in background threads for gateway unit tests, a real Postgres."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from serve.gateway.app import create_app
 from serve.gateway.keys import KeyStore
 from serve.gateway.settings import GatewaySettings
 from serve.supervisor import free_port
+from tests.postgres import throwaway_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,6 +24,13 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """SQLAlchemy URL of a real PostgreSQL run for the session (tests/postgres.py); fails, never skips."""
+    with throwaway_postgres() as server:
+        yield server.url
 
 
 class ThreadedAiohttp:
