@@ -78,7 +78,7 @@ validate-data: models  ## check DATA=file.jsonl against RECIPE (no weights load)
 finetune: models  ## LoRA on DATA=file.jsonl with RECIPE (default: the SmolLM2 CPU recipe); FORCE=1 replaces OUTPUT
 	@$(NEED_DATA)
 	@$(if $(ACCELERATE),test -f configs/accelerate/$(ACCELERATE).yaml || { echo "error: no configs/accelerate/$(ACCELERATE).yaml; ACCELERATE= one of: $$(ls configs/accelerate | sed 's/.yaml//' | xargs)" >&2; exit 2; })
-	@$(if $(ACCELERATE),$(VENV)/bin/accelerate launch --config_file configs/accelerate/$(ACCELERATE).yaml $(if $(NUM_PROCESSES),--num_processes $(NUM_PROCESSES)) $(ACCELERATE_ARGS) -m serve.cli,$(KIT)) \
+	@$(if $(ACCELERATE),$(VENV)/bin/accelerate launch --config_file configs/accelerate/$(ACCELERATE).yaml $(if $(NUM_PROCESSES),--num_processes $(NUM_PROCESSES)) $(ACCELERATE_ARGS) -m finetune.cli,$(KIT)) \
 		finetune $(RECIPE) --data $(DATA) $(if $(EVAL_DATA),--eval-data $(EVAL_DATA)) $(if $(OUTPUT),--output $(OUTPUT)) $(if $(FORCE),--force)
 
 # PROFILE= counts only when given (its default is the machine's serving profile, not the adapter's).

@@ -1,4 +1,10 @@
-"""The fine-tune verbs of ``kit``: finetune, validate-data, check-adapter, merge, finetune-demo."""
+"""``kit``, the console script: serve's verbs plus the fine-tune verbs (finetune, validate-data,
+check-adapter, merge, finetune-demo).
+
+The composition lives here, not in ``serve.cli``, so that serving never imports fine-tuning: this module
+builds serve's parser, adds its verbs and lets ``kit validate`` load the recipes too. Run it as ``kit``
+or ``python -m finetune.cli`` (what ``make finetune ACCELERATE=...`` launches on every rank).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from finetune.recipe import load_recipe
+from serve import cli as serve_cli
 from serve.config import load_profile
 
 DEFAULT_RECIPE = "smollm2-135m-instruct_lora-cpu"
@@ -83,7 +91,7 @@ def cmd_validate_data(args: argparse.Namespace) -> int:
 
 def cmd_check_adapter(args: argparse.Namespace) -> int:
     """Check an adapter against the serve profile it will run under: rank, modules, key names, base."""
-    from finetune.adapters import check_adapter
+    from serve.adapters import check_adapter
 
     profile_name = args.profile
     if profile_name is None:
@@ -162,3 +170,29 @@ def add_verbs(verb: Callable[[str, Any], argparse.ArgumentParser]) -> None:
     sub.add_argument("--output", type=Path)
     sub.add_argument("--force", action="store_true")
     verb("finetune-demo", cmd_finetune_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``kit`` parser: serve's verbs, the fine-tune verbs, and recipes in ``kit validate``.
+
+    Returns:
+        The parser; ``args.func(args)`` runs the chosen verb.
+    """
+    recipes = serve_cli.ConfigKind(folder="finetune", noun="recipes", load=load_recipe)
+    return serve_cli.build_parser(add_verbs=add_verbs, validate_also=[recipes])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``kit`` console script: run one verb of the full parser (see ``serve.cli.main``).
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit code.
+    """
+    return serve_cli.main(argv, build_parser())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

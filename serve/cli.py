@@ -6,6 +6,10 @@ kit up PROFILE                                          vLLM + gateway together,
 kit key create|list|revoke [NAME]                       manage gateway API keys
 kit demo                                                ask the embedded model a question, end to end
 kit validate                                            check every shipped config
+
+This module knows serve's verbs only (``python -m serve.cli gateway`` is how ``kit up`` starts the
+gateway). The ``kit`` console script is ``finetune.cli:main``: this parser plus the fine-tune verbs, so
+the dependency points one way (finetune imports serve; serve never imports finetune).
 """
 
 from __future__ import annotations
@@ -19,13 +23,15 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from serve.adapters import check_adapter
 from serve.config import (
     DownloadSettings,
     ResolvedProfile,
@@ -109,8 +115,6 @@ def _check_adapters(resolved: ResolvedProfile) -> None:
     Raises:
         ConfigError: every problem of every adapter, with the command that shows the full report.
     """
-    from finetune.adapters import check_adapter
-
     problems = []
     vllm = resolved.profile.vllm
     for name, path in vllm.lora_modules.items():
@@ -287,16 +291,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.root, args.profile, args.question)
 
 
+@dataclass(frozen=True)
+class ConfigKind:
+    """One more kind of shipped config for ``kit validate`` to load (plugged in by ``finetune.cli``)."""
+
+    folder: str
+    """Every ``configs/<folder>/*.yaml`` is checked."""
+    noun: str
+    """What the summary line calls them (``recipes``)."""
+    load: Callable[[Path, str], object]
+    """``load(root, name)``; raises ConfigError on a problem."""
+
+
+VerbAdder = Callable[[str, Callable[[argparse.Namespace], int]], argparse.ArgumentParser]
+"""``verb(name, function)`` adds a sub-command to ``kit``; its help is the function's docstring."""
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """Load every model config, serve profile and the gateway config; report all problems at once."""
-    from finetune.recipe import load_recipe
-
     configs = args.root / "configs"
+    kinds: tuple[ConfigKind, ...] = args.config_kinds
     checks: list[tuple[Any, tuple[Any, ...]]] = [
         (load_model_config, (configs, n)) for n in available(configs, "models")
     ]
     checks += [(load_profile, (args.root, n)) for n in available(configs, "serve")]
-    checks += [(load_recipe, (args.root, n)) for n in available(configs, "finetune")]
+    checks += [(kind.load, (args.root, n)) for kind in kinds for n in available(configs, kind.folder)]
     checks += [
         (_gateway_settings, (args.config,)),
         (load_yaml, (configs / "download.yaml", DownloadSettings)),
@@ -309,18 +328,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
             problems += exc.problems
     if problems:
         raise ConfigError(problems)
-    print(
-        f"ok: {len(available(configs, 'models'))} models, {len(available(configs, 'serve'))} profiles, "
-        f"{len(available(configs, 'finetune'))} recipes, gateway and download configs"
-    )
+    counts = [f"{len(available(configs, 'models'))} models", f"{len(available(configs, 'serve'))} profiles"]
+    counts += [f"{len(available(configs, kind.folder))} {kind.noun}" for kind in kinds]
+    print(f"ok: {', '.join(counts)}, gateway and download configs")
     return 0
 
 
 _ADAPTER_HELP = "serve a LoRA adapter under model id NAME (repeatable)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``kit`` argument parser; each verb's help is its function's docstring."""
+def build_parser(
+    add_verbs: Callable[[VerbAdder], None] | None = None, validate_also: Sequence[ConfigKind] = ()
+) -> argparse.ArgumentParser:
+    """The ``kit`` argument parser with serve's verbs; each verb's help is its function's docstring.
+
+    Args:
+        add_verbs: called with the ``verb(name, function)`` helper to register more verbs (the fine-tune
+            ones, from ``finetune.cli``).
+        validate_also: more kinds of shipped configs that ``kit validate`` loads.
+
+    Returns:
+        The parser; ``args.func(args)`` runs the chosen verb.
+    """
     parser = argparse.ArgumentParser(prog="kit", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--root", type=Path, default=Path("."), help="kit folder holding configs/ (default .)"
@@ -328,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    def verb(name: str, func: Any) -> argparse.ArgumentParser:
-        sub = verbs.add_parser(name, help=func.__doc__.splitlines()[0], description=func.__doc__)
+    def verb(name: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        doc = func.__doc__ or name
+        sub = verbs.add_parser(name, help=doc.splitlines()[0], description=doc)
         sub.set_defaults(func=func)
         return sub
 
@@ -380,16 +410,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--profile", default="cpu-demo")
     sub.add_argument("--question", default="What is the capital of France?")
     sub = verb("validate", cmd_validate)
+    sub.set_defaults(config_kinds=tuple(validate_also))
     add_config(sub)
-    from finetune.cli import add_verbs
-
-    add_verbs(verb)
+    if add_verbs is not None:
+        add_verbs(verb)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one verb; configuration and start-up problems exit non-zero with a message, not a traceback."""
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run one verb; configuration and start-up problems exit non-zero with a message, not a traceback.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+        parser: the parser to use (default: serve's verbs only; ``finetune.cli.main`` passes the full one).
+
+    Returns:
+        The exit code: 0 success, 1 start-up or key failures, 2 configuration problems.
+    """
+    args = (parser or build_parser()).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

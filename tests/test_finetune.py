@@ -16,10 +16,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from finetune.adapters import ADAPTER_WEIGHTS, check_adapter
 from finetune.merge import merge
 from finetune.recipe import Recipe
 from finetune.train import run
+from serve.adapters import ADAPTER_WEIGHTS, check_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "models" / "qwen3_5-tiny"
@@ -186,7 +186,7 @@ def test_a_killed_run_resumes_to_the_same_final_step(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "serve.cli",
+        "finetune.cli",
         "--root",
         str(ROOT),
         "finetune",
@@ -221,7 +221,17 @@ def test_a_killed_run_resumes_to_the_same_final_step(tmp_path):
 
 def test_validate_data_reports_every_bad_line_and_trains_nothing(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "serve.cli", "--root", str(ROOT), "validate-data", RECIPE, "--data", str(BAD)],
+        [
+            sys.executable,
+            "-m",
+            "finetune.cli",
+            "--root",
+            str(ROOT),
+            "validate-data",
+            RECIPE,
+            "--data",
+            str(BAD),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -234,7 +244,7 @@ def test_validate_data_reports_every_bad_line_and_trains_nothing(tmp_path):
         [
             sys.executable,
             "-m",
-            "serve.cli",
+            "finetune.cli",
             "--root",
             str(ROOT),
             "validate-data",
@@ -329,7 +339,7 @@ def root_without_weights(tmp_path) -> Path:
 
 def _kit(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "serve.cli", "--root", str(root), *args],
+        [sys.executable, "-m", "finetune.cli", "--root", str(root), *args],
         capture_output=True,
         text=True,
         timeout=180,
