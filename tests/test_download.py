@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -14,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from serve.config import DownloadSettings
+from serve.config import DownloadSettings, load_model_config, load_profile
 from serve.configfile import load_yaml
 from serve.download import MANIFEST, MARKER, DownloadError, Target, completion_problem, download
+from serve.modeldir import model_not_ready_reason, not_ready_reason
 from tests.hub_server import COMMIT, make_app, tiny_repo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -247,7 +249,7 @@ def _kit_root(tmp_path: Path) -> Path:
     return root
 
 
-def test_cli_download_then_serve_accepts_only_a_verified_folder(hub, tmp_path):
+def test_cli_download_then_serve_accepts_only_a_verified_copy_of_the_configured_snapshot(hub, tmp_path):
     root = _kit_root(tmp_path)
     env = {**os.environ}
     # `make serve` refuses a folder that merely looks like a model.
@@ -258,21 +260,88 @@ def test_cli_download_then_serve_accepts_only_a_verified_folder(hub, tmp_path):
     assert refused.returncode == 2
     assert "not a verified download" in refused.stderr and "make download MODEL=qwen3.6-27b" in refused.stderr
 
-    got = _kit(
-        root,
-        "download",
-        "--repo",
-        "kit/qwen3_5-tiny",
-        "--revision",
-        COMMIT,
-        "--local-dir",
-        str(local),
-        env=env,
-    )
+    # `make download REPO=someone/Qwen3.6-27B` writes a verified copy into models/qwen3.6-27b, the h200
+    # profile's folder: serving it would name other weights Qwen/Qwen3.6-27B, so it is refused.
+    hub.repo_id = "someone/Qwen3.6-27B"
+    got = _kit(root, "download", "--repo", "someone/Qwen3.6-27B", "--revision", COMMIT, env=env)
     assert got.returncode == 0, got.stderr
-    assert "files verified" in got.stdout
+    assert "files verified" in got.stdout and completion_problem(local) is None
+    other_repo = _kit(root, "serve", "h200", env=env)
+    assert other_repo.returncode == 2, other_repo.stderr
+    assert "holds repo someone/Qwen3.6-27B" in other_repo.stderr
+    assert "expects repo Qwen/Qwen3.6-27B" in other_repo.stderr
+    assert "make download MODEL=qwen3.6-27b" in other_repo.stderr and "Traceback" not in other_repo.stderr
+
+    # `make download REVISION=<sha>`: the configured repo, but not the revision the config pins.
+    shutil.rmtree(local)
+    hub.repo_id = "Qwen/Qwen3.6-27B"
+    got = _kit(root, "download", "qwen3.6-27b", "--revision", COMMIT, env=env)
+    assert got.returncode == 0, got.stderr
+    assert completion_problem(local) is None
+    pinned = load_model_config(root / "configs", "qwen3.6-27b").revision
+    assert pinned is not None and pinned != COMMIT
+    other_revision = _kit(root, "serve", "h200", env=env)
+    assert other_revision.returncode == 2, other_revision.stderr
+    assert f"Qwen/Qwen3.6-27B at revision {COMMIT}" in other_revision.stderr
+    assert f"expects revision {pinned}" in other_revision.stderr
+    assert "make download MODEL=qwen3.6-27b" in other_revision.stderr
+
+    # Pinned on the snapshot that was downloaded, the verified folder is ready to serve.
+    config = root / "configs" / "models" / "qwen3.6-27b.yaml"
+    config.write_text(config.read_text().replace(pinned, COMMIT))
+    assert not_ready_reason(load_profile(root, "h200")) is None
     dry = _kit(root, "serve", "h200", "--dry-run", env=env)
-    assert dry.returncode == 0 and "vllm serve" in dry.stdout
+    assert dry.returncode == 0 and f"vllm serve {local}" in dry.stdout
+
+
+def _verified_copy(folder: Path, repo_id: str, revision: str) -> Path:
+    """A folder holding what a finished download leaves: one file, its manifest and the marker over it."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    manifest = {
+        "repo_id": repo_id,
+        "revision": revision,
+        "license": "apache-2.0",
+        "files": [{"path": "config.json", "size": 2, "sha256": hashlib.sha256(b"{}").hexdigest()}],
+    }
+    text = json.dumps(manifest, indent=2) + "\n"
+    (folder / MANIFEST).write_text(text)
+    (folder / MARKER).write_text(hashlib.sha256(text.encode()).hexdigest() + "\n")
+    assert completion_problem(folder) is None
+    return folder
+
+
+OTHER_SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.mark.parametrize(
+    ("model", "repo_id", "revision", "expected"),
+    [
+        ("qwen3.6-27b", "Qwen/Qwen3.6-27B", "pinned", None),
+        ("qwen3.6-27b", "someone/Qwen3.6-27B", "pinned", "holds repo someone/Qwen3.6-27B"),
+        ("qwen3.6-27b", "Qwen/Qwen3.6-27B", OTHER_SHA, f"Qwen/Qwen3.6-27B at revision {OTHER_SHA}"),
+        # No revision pinned in its config: the repo id alone decides.
+        ("qwen3.6-27b-fp8", "Qwen/Qwen3.6-27B-FP8", OTHER_SHA, None),
+        ("qwen3.6-27b-fp8", "Qwen/Qwen3.6-27B", OTHER_SHA, "holds repo Qwen/Qwen3.6-27B "),
+    ],
+)
+def test_a_verified_download_is_ready_only_as_the_snapshot_its_config_names(
+    tmp_path, model, repo_id, revision, expected
+):
+    config = load_model_config(ROOT / "configs", model)
+    if revision == "pinned":
+        assert config.revision is not None
+        revision = config.revision
+    folder = _verified_copy(tmp_path / model, repo_id, revision)
+    reason = model_not_ready_reason(config, folder)
+    if expected is None:
+        assert reason is None
+        return
+    assert reason is not None and expected in reason
+    wanted = f"revision {config.revision}" if config.repo_id == repo_id else f"repo {config.repo_id}"
+    assert f"but configs/models/{model}.yaml expects {wanted}" in reason
+    assert f"served as {config.served_model_name!r}" in reason
+    assert f"`make download MODEL={model}`" in reason and "their own model config" in reason
 
 
 def test_cli_exit_codes_for_licence_and_dry_run(hub, tmp_path):
