@@ -18,10 +18,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from finetune.adapters import ADAPTER_INFO, AdapterError
+from finetune.adapters import ADAPTER_INFO, AdapterError, base_fingerprint
 from serve.atomic import atomic_dir
 from serve.buildinfo import MANIFEST as BUILD_MANIFEST
-from serve.config import load_model_config
+from serve.config import ModelConfig, load_model_config
+from serve.modeldir import model_not_ready_reason
 
 logger = logging.getLogger(__name__)
 
@@ -69,28 +70,78 @@ def _add_mtp(staging: Path, mtp: dict[str, Any]) -> None:
     index_path.write_text(json.dumps(index, indent=2) + "\n")
 
 
+def check_base(root: Path, adapter_dir: Path) -> tuple[ModelConfig, Path]:
+    """The base ``adapter_dir`` was trained on, checked before any weight loads (as training and
+    ``check-adapter`` do): complete on disk, and the very weights the adapter was trained on.
+
+    Args:
+        root: the kit folder holding ``configs/``.
+        adapter_dir: an adapter written by ``make finetune`` (it has ``kit-adapter.json``).
+
+    Returns:
+        The base's model config and its folder.
+
+    Raises:
+        AdapterError: no or unreadable ``kit-adapter.json``; the base folder is not a verified download
+            or a complete build (the message names the command that fixes it); its base fingerprint
+            differs from the one the adapter recorded.
+        ConfigError: the recorded base model has no valid model config.
+    """
+    info_path = adapter_dir / ADAPTER_INFO
+    if not info_path.is_file():
+        raise AdapterError(f"{info_path} not found: merge needs an adapter trained by `make finetune`")
+    try:
+        info = json.loads(info_path.read_text())
+        base_model, recorded = info["base_model"], info["base_fingerprint"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AdapterError(
+            f"{info_path} is unreadable or lacks base_model / base_fingerprint ({exc!r}): merge needs the "
+            "kit-adapter.json that `make finetune` writes; retrain the adapter with `make finetune`"
+        ) from None
+    model_cfg = load_model_config(root / "configs", base_model)
+    base_dir = model_cfg.local_dir if model_cfg.local_dir.is_absolute() else root / model_cfg.local_dir
+    reason = model_not_ready_reason(model_cfg, base_dir)
+    if reason:
+        raise AdapterError(f"cannot merge {adapter_dir} into its base {model_cfg.name}: {reason}")
+    actual = base_fingerprint(base_dir)
+    if recorded != actual:
+        raise AdapterError(
+            f"{adapter_dir} was trained on other weights than {base_dir} holds (base fingerprint "
+            f"{str(recorded)[:12]}... in {info_path}, {actual[:12]}... on disk): merging would bake the "
+            f"adapter into a model it never saw. Put back the base it was trained on (`make check-adapter "
+            f"ADAPTER={adapter_dir}` shows the same check), or retrain it on this base with `make finetune`"
+        )
+    return model_cfg, base_dir
+
+
 def merge(root: Path, adapter_dir: Path, output: Path, *, force: bool = False) -> dict[str, Any]:
     """Merge ``adapter_dir`` into its base and write ``output`` atomically.
+
+    The base is checked first (:func:`check_base`): nothing loads when it is incomplete or not the one
+    the adapter was trained on.
+
+    Args:
+        root: the kit folder holding ``configs/``.
+        adapter_dir: an adapter written by ``make finetune``.
+        output: the merged model folder to write.
+        force: replace ``output`` if it exists.
 
     Returns:
         Facts about the merge (shapes, sizes, mtp tensors carried), also saved as ``kit-merge.json``.
 
     Raises:
-        AdapterError: unknown base, shape or size checks failed (nothing is written then).
+        AdapterError: the base is missing, incomplete or other weights (:func:`check_base`), or the shape
+            or size checks failed (nothing is written then).
+        ConfigError: the recorded base model has no valid model config.
         FileExistsError: ``output`` exists and ``force`` is False.
     """
+    if output.exists() and not force:
+        raise FileExistsError(f"{output} already exists: pass --force (FORCE=1) to replace it")
+    model_cfg, base_dir = check_base(root, adapter_dir)
     import torch
     import transformers
     from peft import PeftModel
 
-    info_path = adapter_dir / ADAPTER_INFO
-    if not info_path.is_file():
-        raise AdapterError(f"{info_path} not found: merge needs an adapter trained by `make finetune`")
-    if output.exists() and not force:
-        raise FileExistsError(f"{output} already exists: pass --force (FORCE=1) to replace it")
-    info = json.loads(info_path.read_text())
-    model_cfg = load_model_config(root / "configs", info["base_model"])
-    base_dir = model_cfg.local_dir if model_cfg.local_dir.is_absolute() else root / model_cfg.local_dir
     config = json.loads((base_dir / "config.json").read_text())
     dtype = getattr(torch, config.get("dtype") or config.get("torch_dtype") or "bfloat16")
     cls = getattr(transformers, model_cfg.architecture)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from finetune.merge import merge
 from finetune.recipe import Recipe
 from finetune.train import run
-from serve.adapters import ADAPTER_WEIGHTS, check_adapter
+from serve.adapters import ADAPTER_WEIGHTS, AdapterError, check_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "models" / "qwen3_5-tiny"
@@ -179,6 +179,76 @@ def test_merge_keeps_dtype_padded_vocab_and_mtp_and_changes_the_model(adapter, t
     with torch.no_grad():
         assert not torch.allclose(base(ids).logits, merged(ids).logits)
     assert merged.get_output_embeddings().weight.shape == base.get_output_embeddings().weight.shape
+
+
+@pytest.fixture()
+def merge_root(tmp_path) -> Path:
+    """A kit root with its own copy of the tiny base, for tests that break the base."""
+    root = tmp_path / "kit"
+    shutil.copytree(ROOT / "configs", root / "configs")
+    shutil.copytree(TINY, root / "models" / "qwen3_5-tiny")
+    return root
+
+
+@pytest.fixture()
+def no_weight_loads(monkeypatch) -> None:
+    """Fail the test if the base or the adapter weights start loading."""
+    import peft
+    import transformers
+
+    def loads(*args, **kwargs):
+        raise AssertionError("weights were loaded before the base was checked")
+
+    monkeypatch.setattr(transformers.Qwen3_5ForConditionalGeneration, "from_pretrained", loads)
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", loads)
+
+
+def test_merge_refuses_a_base_the_adapter_was_not_trained_on_before_loading_weights(
+    adapter, merge_root, no_weight_loads
+):
+    config = merge_root / "models" / "qwen3_5-tiny" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "rope_theta": 1234.0}))
+    out = merge_root / "merged"
+    with pytest.raises(AdapterError, match="trained on other weights") as caught:
+        merge(merge_root, adapter, out)
+    assert "base fingerprint" in str(caught.value) and "make check-adapter" in str(caught.value)
+    assert not out.exists()
+    result = _kit(merge_root, "merge", str(adapter), "--output", str(out))
+    assert result.returncode == 1 and "trained on other weights" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("build", ["is incomplete", "make models"]),  # no kit-build.json: the build did not finish
+        ("hub", ["not a verified download", "make download MODEL=qwen3_5-tiny"]),  # no completion marker
+    ],
+)
+def test_merge_refuses_an_incomplete_base_before_loading_weights(
+    adapter, merge_root, no_weight_loads, source, expected
+):
+    base = merge_root / "models" / "qwen3_5-tiny"
+    if source == "build":
+        (base / "kit-build.json").unlink()
+    else:
+        model = merge_root / "configs" / "models" / "qwen3_5-tiny.yaml"
+        model.write_text(model.read_text().replace("source: build", "source: hub"))
+    with pytest.raises(AdapterError, match="cannot merge") as caught:
+        merge(merge_root, adapter, merge_root / "merged")
+    for text in expected:
+        assert text in str(caught.value)
+    assert not (merge_root / "merged").exists()
+
+
+def test_merge_needs_the_recorded_base_fingerprint(adapter, tmp_path, no_weight_loads):
+    trained = tmp_path / "adapter"
+    shutil.copytree(adapter, trained)
+    info = json.loads((trained / "kit-adapter.json").read_text())
+    del info["base_fingerprint"]
+    (trained / "kit-adapter.json").write_text(json.dumps(info))
+    with pytest.raises(AdapterError, match="lacks base_model / base_fingerprint"):
+        merge(ROOT, trained, tmp_path / "merged")
 
 
 def test_a_killed_run_resumes_to_the_same_final_step(tmp_path):
