@@ -3,7 +3,8 @@
 kit serve PROFILE [--dry-run] [--set vllm.port=8001]   run vLLM for a profile (or print the command)
 kit gateway                                             run the gateway (configs/gateway.yaml + env)
 kit up PROFILE                                          vLLM + gateway together, until Ctrl-C
-kit key create|list|revoke [NAME]                       manage gateway API keys
+kit key create|list|set|rotate|revoke [NAME] [policy]   manage gateway API keys and their limits
+kit usage [--key NAME] [--days N]                       usage per day, key and model from the ledger
 kit demo                                                ask the embedded model a question, end to end
 kit validate                                            check every shipped config
 
@@ -31,6 +32,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from serve import keys_cli
 from serve.adapters import check_adapter
 from serve.config import (
     DownloadSettings,
@@ -42,7 +44,7 @@ from serve.config import (
     lora_rank_for,
 )
 from serve.configfile import ConfigError, load_yaml
-from serve.gateway.keys import KeyError_, KeyStore
+from serve.gateway.keys import KeyError_
 from serve.gateway.logconfig import log_config
 from serve.gateway.settings import CONFIG_ENV, GatewaySettings
 from serve.modeldir import not_ready_reason
@@ -153,6 +155,15 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = _gateway_settings(args.config)
+    if settings.database_url is None and not settings.keys_db.exists() and not settings.create_keys_db:
+        raise ConfigError(
+            [f"the gateway's key database {settings.keys_db} does not exist"],
+            hint="create a key first (make key NAME=...), point keys_db / KIT_GATEWAY_KEYS_DB at the right "
+            "file, or set create_keys_db: true to start with an empty one",
+        )
+    tls: dict[str, Any] = {}
+    if settings.ssl_certfile is not None:
+        tls = {"ssl_certfile": str(settings.ssl_certfile), "ssl_keyfile": str(settings.ssl_keyfile)}
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Must be set before any worker imports prometheus_client (multiprocess mode).
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="kit-gateway-metrics-")
@@ -168,6 +179,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         log_config=log_config(settings.log_level),  # applied in every worker process
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=10,
+        **tls,
     )
     return 0
 
@@ -224,23 +236,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_key(args: argparse.Namespace) -> int:
-    """Create, list or revoke gateway API keys (stored hashed in the gateway's keys_db)."""
-    store = KeyStore(_gateway_settings(args.config).keys_db)
-    if args.action == "create":
-        if not args.name:
-            raise KeyError_("a key needs a name: make key NAME=alice")
-        key = store.create(args.name)
-        print(f"created key {args.name!r}; it is shown only this once:\n{key}")
-    elif args.action == "list":
-        for info in store.list():
-            state = f"revoked {info.revoked_at:%Y-%m-%d %H:%M}" if info.revoked_at else "active"
-            print(f"{info.name:24} sk-kit-{info.key_id}_…  created {info.created_at:%Y-%m-%d %H:%M}  {state}")
-    else:
-        if not args.name:
-            raise KeyError_("say which key: make key-revoke NAME=alice")
-        store.revoke(args.name)
-        print(f"revoked key {args.name!r}")
-    return 0
+    """Create, list, change, rotate or revoke gateway API keys (stored hashed in the gateway database)."""
+    return keys_cli.cmd_key(args, _gateway_settings(args.config))
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    """Print usage per UTC day, key and model from the gateway's ledger (reasoning tokens apart)."""
+    return keys_cli.cmd_usage(args, _gateway_settings(args.config))
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -403,8 +405,10 @@ def build_parser(
     sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     add_config(sub)
     sub = verb("key", cmd_key)
-    sub.add_argument("action", choices=["create", "list", "revoke"])
-    sub.add_argument("name", nargs="?")
+    keys_cli.add_key_arguments(sub)
+    add_config(sub)
+    sub = verb("usage", cmd_usage)
+    keys_cli.add_usage_arguments(sub)
     add_config(sub)
     sub = verb("demo", cmd_demo)
     sub.add_argument("--profile", default="cpu-demo")

@@ -221,28 +221,44 @@ def test_upstream_error_bodies_pass_through_unchanged(upstream, gateway_factory)
     assert reply.content == VLLM_404
 
 
-def test_streams_are_forwarded_byte_for_byte_and_tokens_counted(upstream, gateway_factory):
-    server, _ = upstream
-    gateway, key = gateway_factory(server.url)
+def _stream(gateway, key: str, **extra: Any) -> bytes:
     with httpx.stream(
         "POST",
         gateway.url + "/v1/chat/completions",
         headers={"authorization": f"Bearer {key}"},
-        json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+        json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}], **extra},
     ) as reply:
         assert reply.status_code == 200
         assert reply.headers["content-type"].startswith("text/event-stream")
-        body = b"".join(reply.iter_raw())
+        return b"".join(reply.iter_raw())
+
+
+def test_streams_asking_for_usage_are_forwarded_byte_for_byte_and_counted(upstream, gateway_factory):
+    server, seen = upstream
+    gateway, key = gateway_factory(server.url)
+    body = _stream(gateway, key, stream_options={"include_usage": True})
     assert body == b"".join(CHUNKS)
-    httpx.post(
-        gateway.url + "/v1/chat/completions",
-        headers={"authorization": f"Bearer {key}"},
-        json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
-    )
+    assert json.loads(seen["bodies"][-1])["stream_options"] == {"include_usage": True}
+    # Only the stream has run: these counters come from its usage chunk.
     metrics = httpx.get(gateway.url + "/metrics").text
-    assert 'kit_gateway_tokens_total{model="m",type="prompt"} 12.0' in metrics
-    assert 'kit_gateway_tokens_total{model="m",type="completion"} 3.0' in metrics
-    assert 'kit_gateway_requests_total{route="/v1/chat/completions",status="200"} 2.0' in metrics
+    assert 'kit_gateway_tokens_total{key="tester",model="m",type="prompt"} 7.0' in metrics
+    assert 'kit_gateway_tokens_total{key="tester",model="m",type="completion"} 2.0' in metrics
+
+
+def test_streams_are_counted_without_showing_the_client_a_usage_chunk_it_did_not_ask_for(
+    upstream, gateway_factory
+):
+    # The gateway asks vLLM for usage on every stream (the ledger needs it) and drops the usage-only
+    # chunk (empty choices) for clients that did not ask: some crash on it.
+    server, seen = upstream
+    gateway, key = gateway_factory(server.url)
+    body = _stream(gateway, key)
+    assert json.loads(seen["bodies"][-1])["stream_options"] == {"include_usage": True}
+    assert body == CHUNKS[0] + CHUNKS[1] + CHUNKS[3]
+    metrics = httpx.get(gateway.url + "/metrics").text
+    assert 'kit_gateway_tokens_total{key="tester",model="m",type="prompt"} 7.0' in metrics
+    assert 'kit_gateway_tokens_total{key="tester",model="m",type="completion"} 2.0' in metrics
+    assert 'kit_gateway_requests_total{route="/v1/chat/completions",status="200"} 1.0' in metrics
 
 
 def test_a_stream_that_breaks_upstream_ends_with_an_error_event_not_done(upstream, gateway_factory):
@@ -306,7 +322,8 @@ def test_access_log_has_request_id_and_key_name_but_no_prompt_or_key(upstream, g
 def test_readyz_requires_the_served_model(upstream, gateway_factory):
     server, _ = upstream
     ready, _ = gateway_factory(server.url, served_model_names=["m"])
-    assert ready.url and httpx.get(ready.url + "/readyz").json() == {"status": "ready", "models": ["m", "my"]}
+    # Ready, and naming no model or adapter: the listing is for callers with a key.
+    assert httpx.get(ready.url + "/readyz").json() == {"status": "ready"}
     waiting, _ = gateway_factory(server.url, served_model_names=["other"])
     reply = httpx.get(waiting.url + "/readyz")
     assert reply.status_code == 503

@@ -1,5 +1,11 @@
-"""Request ids, access log and request metrics, as one pure ASGI middleware (cheaper than Starlette's
-``BaseHTTPMiddleware``). The log line holds no prompt text and no key: only the key's name."""
+"""The gateway's outermost ASGI layer: request ids, routing, the access log, request metrics, and a
+last-resort 500 in the API's error shape.
+
+The pass-through routes are looked up in a dict and served by ``proxy.forward`` directly; everything
+else (``/healthz``, ``/readyz``, ``/metrics``, 404s) goes to the FastAPI app behind. The access log line
+holds no prompt text and no key: only the key's name. It goes through a queue to a logging thread, so
+the event loop never writes to a file or a pipe.
+"""
 
 from __future__ import annotations
 
@@ -8,81 +14,113 @@ import logging
 import re
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve.gateway import proxy
+from serve.gateway.errors import GatewayError, internal, send_error
 from serve.gateway.logconfig import ACCESS_LOGGER
-from serve.gateway.metrics import GatewayMetrics
+from serve.gateway.proxy import Call, Gateway
+from serve.gateway.routes import ROUTES, USAGE_PATH, Route
+from serve.gateway.usage_api import serve_usage
 
 logger = logging.getLogger(ACCESS_LOGGER)
+errors = logging.getLogger(__name__)
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_OWN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_USAGE_ROUTE = Route(USAGE_PATH, "GET", generates=False)
 
 
-class AccessLogMiddleware:
-    """Adds ``x-request-id`` (the client's if it is safe, else a new one), logs one JSON line per request
-    and records count, latency and in-flight metrics.
+def request_id_of(scope: Scope) -> str:
+    """The client's ``x-request-id`` when it is safe to log and forward, else a new one."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if _SAFE_ID.fullmatch(candidate):
+                return candidate
+            break
+    return uuid.uuid4().hex
+
+
+class GatewayApp:
+    """The ASGI app uvicorn runs.
 
     Args:
-        app: the wrapped ASGI app.
-        metrics: where request metrics go.
-        routes: paths used as metric labels as they are; every other path is labelled ``other`` so
-            label values stay bounded.
+        gateway: what the pass-through routes share.
+        admin: the FastAPI app for the gateway's own endpoints (and the lifespan).
     """
 
-    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, routes: frozenset[str]) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.routes = routes
+    def __init__(self, gateway: Gateway, admin: ASGIApp) -> None:
+        self.gateway = gateway
+        self.admin = admin
+        self.routes: dict[str, Route] = {r.path: r for r in ROUTES}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            await self.admin(scope, receive, send)
             return
         start = time.perf_counter()
-        request_id = None
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                candidate = value.decode("latin-1")
-                request_id = candidate if _SAFE_ID.fullmatch(candidate) else None
-                break
-        request_id = request_id or uuid.uuid4().hex
-        info: dict[str, Any] = scope.setdefault("state", {}).setdefault("kit", {})
-        status = 500
-        sent_bytes = 0
+        request_id = request_id_of(scope)
+        path = scope["path"]
+        route = self.routes.get(path)
+        if path == USAGE_PATH:
+            route = _USAGE_ROUTE
+        state: dict[str, Any] = {"status": 500, "bytes": 0, "started": False}
+        id_header = (b"x-request-id", request_id.encode())
 
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status, sent_bytes
+        async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                state["status"] = message["status"]
+                state["started"] = True
+                message["headers"] = [*message.get("headers", []), id_header]
             elif message["type"] == "http.response.body":
-                sent_bytes += len(message.get("body", b""))
+                state["bytes"] += len(message.get("body", b""))
             await send(message)
 
-        path = scope["path"]
-        route = path if path in self.routes else "other"
-        self.metrics.in_flight.inc()
+        call: Call | None = None
+        metrics = self.gateway.metrics
+        metrics.in_flight.inc()
         try:
-            await self.app(scope, receive, send_wrapper)
+            if route is not None and scope["method"] == route.method:
+                call = Call(request_id, route, start, datetime.now(UTC))
+                if route is _USAGE_ROUTE:
+                    await serve_usage(self.gateway, call, scope, send_with_id)
+                else:
+                    await proxy.forward(self.gateway, route, scope, receive, send_with_id, call)
+            elif route is not None:
+                error = GatewayError(
+                    405, f"Method {scope['method']} is not allowed on {path}.", code="method_not_allowed"
+                )
+                await send_error(send_with_id, route.api, error)
+            else:
+                scope.setdefault("state", {})["request_id"] = request_id
+                await self.admin(scope, receive, send_with_id)
+        except Exception:
+            errors.exception("request %s failed", request_id)
+            if not state["started"]:
+                await send_error(send_with_id, route.api if route else "openai", internal(request_id))
         finally:
-            self.metrics.in_flight.dec()
+            metrics.in_flight.dec()
             elapsed = time.perf_counter() - start
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.latency.labels(route).observe(elapsed)
+            label = path if route is not None or path in _OWN_PATHS else "other"
+            metrics.requests.labels(label, str(state["status"])).inc()
+            metrics.latency.labels(label).observe(elapsed)
+            principal = call.principal if call is not None else None
             logger.info(
                 json.dumps(
                     {
                         "request_id": request_id,
                         "method": scope["method"],
-                        "path": route if route != "other" else path[:200],
-                        "status": status,
+                        "path": label if label != "other" else path[:200],
+                        "status": state["status"],
                         "duration_ms": round(elapsed * 1000, 2),
-                        "bytes": sent_bytes,
-                        "key": info.get("key"),
-                        "model": info.get("model"),
-                        "stream": info.get("stream"),
+                        "bytes": state["bytes"],
+                        "key": principal.name if principal else None,
+                        "model": call.model if call is not None else None,
+                        "stream": call.stream if call is not None else None,
                     }
                 )
             )

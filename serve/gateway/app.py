@@ -1,10 +1,17 @@
 """The gateway app: ``create_app(settings)`` builds it; ``create_app_from_env`` is the uvicorn factory.
 
 Run: ``kit gateway`` (or ``make gateway``), which starts uvicorn with uvloop/httptools and N workers.
+The pass-through routes are plain ASGI (``access.GatewayApp`` -> ``proxy.forward``); the gateway's own
+endpoints (``/healthz``, ``/readyz``, ``/metrics``) are a small FastAPI app behind it, which also runs
+the lifespan: the upstream session, the ledger writer and the access log's thread.
 """
 
 from __future__ import annotations
 
+import hmac
+import logging
+import logging.handlers
+import queue
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,21 +21,38 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from serve.gateway.access import AccessLogMiddleware
-from serve.gateway.errors import error_response
-from serve.gateway.keys import KeyStore
+from serve.gateway.access import GatewayApp
+from serve.gateway.errors import GatewayError, error_body, unavailable
+from serve.gateway.keys import KeyCache, KeyStore
+from serve.gateway.ledger import LedgerWriter
+from serve.gateway.limits import Limiter
+from serve.gateway.logconfig import ACCESS_LOGGER
 from serve.gateway.metrics import GatewayMetrics
-from serve.gateway.proxy import ROUTES, Gateway, make_endpoint, unavailable
+from serve.gateway.proxy import Gateway
 from serve.gateway.settings import GatewaySettings
 
 
+class MissingDatabase(RuntimeError):
+    """The configured SQLite key database does not exist and the settings do not allow creating it."""
+
+
 def _open_session(settings: GatewaySettings) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=settings.upstream_max_connections, keepalive_timeout=60)
+    connector: aiohttp.BaseConnector
+    if settings.upstream_uds is not None:
+        connector = aiohttp.UnixConnector(
+            path=str(settings.upstream_uds), limit=settings.upstream_max_connections, keepalive_timeout=60
+        )
+    else:
+        connector = aiohttp.TCPConnector(limit=settings.upstream_max_connections, keepalive_timeout=60)
     timeout = aiohttp.ClientTimeout(
         total=None, connect=settings.upstream_connect_timeout_s, sock_read=settings.upstream_read_timeout_s
     )
     # auto_decompress off: bytes go to the client exactly as the upstream sent them.
     return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False)
+
+
+def _error(error: GatewayError) -> Response:
+    return Response(error.body("openai"), error.status, headers=error.headers, media_type="application/json")
 
 
 async def healthz(request: Request) -> Response:
@@ -37,27 +61,45 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready when the upstream's ``/health`` answers 200 and ``/v1/models`` lists the served models."""
+    """Ready when the upstream's ``/health`` answers 200 and ``/v1/models`` lists the served models.
+
+    It names no model: the listing is for callers with a key (``/v1/models``)."""
     gateway: Gateway = request.app.state.gateway
     assert gateway.session is not None
     base = gateway.settings.upstream_base
+    retry = gateway.settings.retry_after_s
     try:
         async with gateway.session.get(base + "/health") as health:
             if health.status != 200:
-                return unavailable(gateway, f"health is {health.status}", "upstream_not_ready")
+                return _error(unavailable(f"health is {health.status}", retry, "upstream_not_ready"))
         async with gateway.session.get(base + "/v1/models", headers=gateway.upstream_headers) as listing:
             models = [m["id"] for m in (await listing.json()).get("data", [])]
     except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError):
-        return unavailable(gateway, "not reachable")
+        return _error(unavailable("not reachable", retry))
     missing = [m for m in gateway.settings.served_model_names if m not in models]
     if missing:
-        return unavailable(gateway, f"it does not list {missing}", "model_not_loaded")
-    return JSONResponse({"status": "ready", "models": models})
+        return _error(
+            unavailable(f"it does not list {len(missing)} of the served models", retry, "model_not_loaded")
+        )
+    return JSONResponse({"status": "ready"})
 
 
 async def metrics(request: Request) -> Response:
-    """Prometheus exposition of the gateway's metrics."""
+    """Prometheus exposition of the gateway's metrics (behind ``metrics_key`` when one is set)."""
     gateway: Gateway = request.app.state.gateway
+    required = gateway.settings.metrics_key
+    if required is not None:
+        given = request.headers.get("authorization", "")
+        expected = "Bearer " + required.get_secret_value()
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return _error(
+                GatewayError(
+                    401,
+                    "/metrics needs 'Authorization: Bearer <metrics_key>' (setting metrics_key).",
+                    code="invalid_api_key",
+                    headers={"www-authenticate": "Bearer"},
+                )
+            )
     payload, content_type = gateway.metrics.render()
     return Response(payload, media_type=content_type)
 
@@ -65,33 +107,65 @@ async def metrics(request: Request) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 404:
-        return error_response(
-            404, f"No route {request.url.path} on this gateway.", "invalid_request_error", "not_found"
-        )
-    if exc.status_code == 405:
-        return error_response(
-            405,
-            f"Method {request.method} is not allowed on {request.url.path}.",
-            "invalid_request_error",
-            "method_not_allowed",
-        )
-    return error_response(exc.status_code, str(exc.detail), "invalid_request_error")
+        message, code = f"No route {request.url.path} on this gateway.", "not_found"
+    elif exc.status_code == 405:
+        message, code = f"Method {request.method} is not allowed on {request.url.path}.", "method_not_allowed"
+    else:
+        message, code = str(exc.detail), None
+    body = error_body("openai", exc.status_code, message, "invalid_request_error", code)
+    return Response(body, exc.status_code, media_type="application/json")
 
 
-def create_app(settings: GatewaySettings) -> FastAPI:
+@asynccontextmanager
+async def _access_log_thread() -> AsyncIterator[None]:
+    """Route the access logger through a queue to a thread that does the writing."""
+    access = logging.getLogger(ACCESS_LOGGER)
+    handlers = list(access.handlers)
+    if not handlers:
+        yield
+        return
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, *handlers, respect_handler_level=True)
+    access.handlers = [logging.handlers.QueueHandler(records)]
+    listener.start()
+    try:
+        yield
+    finally:
+        listener.stop()
+        access.handlers = handlers
+
+
+def create_app(settings: GatewaySettings) -> GatewayApp:
     """Build the gateway.
 
-    Only ``/healthz``, ``/readyz``, ``/metrics`` and the allowlisted pass-through routes exist; every
-    other path answers 404 in the OpenAI error envelope (no docs or OpenAPI routes either).
+    Only ``/healthz``, ``/readyz``, ``/metrics``, ``/v1/usage`` and the allowlisted pass-through routes
+    exist; every other path answers 404 in the OpenAI error envelope (no docs or OpenAPI routes either).
 
     Args:
         settings: validated gateway settings.
 
     Returns:
-        The ASGI app. Its upstream ``aiohttp.ClientSession`` opens and closes with the app's lifespan.
+        The ASGI app. Its upstream ``aiohttp.ClientSession`` and ledger writer open and close with the
+        app's lifespan.
+
+    Raises:
+        MissingDatabase: the SQLite file does not exist and ``create_keys_db`` is off.
     """
+    if settings.database_url is None and not settings.keys_db.exists() and not settings.create_keys_db:
+        raise MissingDatabase(
+            f"the gateway's key database {settings.keys_db} does not exist: create a key first "
+            "(make key NAME=...), point keys_db / KIT_GATEWAY_KEYS_DB at the right file, or set "
+            "create_keys_db: true to start with an empty one"
+        )
+    store = KeyStore(settings.database, settings.key_cache_ttl_s, create=settings.create_keys_db)
+    engine = store.engine
     gateway = Gateway(
-        settings=settings, keys=KeyStore(settings.keys_db, settings.key_cache_ttl_s), metrics=GatewayMetrics()
+        settings=settings,
+        keys=KeyCache(store),
+        limiter=Limiter(engine, settings.max_request_s),
+        ledger=LedgerWriter(engine, settings.keys_db.parent, settings.ledger_flush_interval_s),
+        metrics=GatewayMetrics(),
+        engine=engine,
     )
     if settings.upstream_api_key is not None:
         gateway.upstream_headers["authorization"] = f"Bearer {settings.upstream_api_key.get_secret_value()}"
@@ -99,30 +173,26 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gateway.session = _open_session(settings)
-        try:
-            yield
-        finally:
-            await gateway.session.close()
-            gateway.session = None
+        gateway.ledger.start()
+        async with _access_log_thread():
+            try:
+                yield
+            finally:
+                await gateway.ledger.close()
+                await gateway.session.close()
+                gateway.session = None
 
-    app = FastAPI(
+    admin = FastAPI(
         title="openweights-kit gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
-    app.state.gateway = gateway
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_route("/healthz", healthz, methods=["GET"])
-    app.add_route("/readyz", readyz, methods=["GET"])
-    app.add_route("/metrics", metrics, methods=["GET"])
-    for route in ROUTES:
-        app.add_route(route.path, make_endpoint(route), methods=[route.method])
-    app.add_middleware(
-        AccessLogMiddleware,
-        metrics=gateway.metrics,
-        routes=frozenset(r.path for r in ROUTES) | {"/healthz", "/readyz", "/metrics"},
-    )
-    return app
+    admin.state.gateway = gateway
+    admin.add_exception_handler(StarletteHTTPException, _http_error)
+    admin.add_route("/healthz", healthz, methods=["GET"])
+    admin.add_route("/readyz", readyz, methods=["GET"])
+    admin.add_route("/metrics", metrics, methods=["GET"])
+    return GatewayApp(gateway, admin)
 
 
-def create_app_from_env() -> FastAPI:
+def create_app_from_env() -> GatewayApp:
     """uvicorn factory: settings from ``KIT_GATEWAY_CONFIG`` and ``KIT_GATEWAY_*`` variables."""
     return create_app(GatewaySettings())

@@ -1,52 +1,124 @@
-"""API keys: created once and shown once, stored only as SHA-256 hashes in SQLite.
+"""API keys: created once and shown once, stored only as SHA-256 hashes, each carrying its policy.
 
 A key reads ``sk-kit-<key_id>_<secret>``: the 8-hex-digit ``key_id`` is a public handle used to find the
 row, and the whole key's hash is then compared with ``hmac.compare_digest`` (constant time), so timing
 says nothing about stored hashes. The secret holds 256 random bits, so a plain SHA-256 is enough (no
-password-style slow hash: there is nothing to brute-force). Each gateway worker keeps the active
-hashes in memory and reloads them at most every ``ttl_s`` seconds, so the hot path does no database
-I/O and a revocation takes effect within ``ttl_s``.
+password-style slow hash: there is nothing to brute-force).
+
+Each gateway worker keeps the active keys in memory (``KeyCache``) and reloads them, in a thread, at most
+every ``ttl_s`` seconds: the hot path does no database I/O on the event loop, and a revocation, an expiry
+or a policy change takes effect within ``ttl_s``.
+
+Several active keys may share a name: ``rotate`` issues a new secret for a name and lets the old one run
+until a given time. Limits and budgets count per name, so a rotation keeps them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import fnmatch
 import hashlib
 import hmac
-import os
+import logging
 import secrets
 import time
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import DateTime, Index, String, create_engine, select, text
+from sqlalchemy import or_, select, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
+
+from serve.gateway.store import ApiKey, open_engine
+
+logger = logging.getLogger(__name__)
 
 KEY_PREFIX = "sk-kit-"
 _ID_HEX = 8  # length of the public key_id
 
 
-class _Base(DeclarativeBase):
-    pass
+@dataclass(frozen=True)
+class KeyPolicy:
+    """What a key may do. ``None`` is "no limit"; token counts are prompt + completion tokens.
+
+    Attributes:
+        models: served model ids and adapter names the key may call; shell-style globs (``*``,
+            ``team-*``).
+        rpm: requests per minute (fixed one-minute windows, UTC).
+        tpm: tokens per minute; a request reserves its prompt estimate + ``max_tokens`` when admitted and
+            is settled to its real usage when it ends.
+        max_concurrent: requests of this key in flight at once, across workers and hosts.
+        budget_day / budget_month: tokens per UTC day / calendar month, reserved and settled like ``tpm``.
+        max_tokens: cap on ``max_tokens`` / ``max_completion_tokens`` / ``max_output_tokens``; a
+            request above it gets 400, or is lowered to it when ``clamp_max_tokens`` is set. A request
+            that sets none is given the cap.
+        max_n: cap on ``n`` (choices per request).
+        enable_thinking: default for ``chat_template_kwargs.enable_thinking`` when a chat completion does
+            not set it (None: the model's default).
+        admin: may read everyone's usage.
+    """
+
+    models: tuple[str, ...] = ("*",)
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+    budget_day: int | None = None
+    budget_month: int | None = None
+    max_tokens: int | None = None
+    clamp_max_tokens: bool = False
+    max_n: int | None = None
+    enable_thinking: bool | None = None
+    admin: bool = False
+
+    def allows(self, model: str) -> bool:
+        """Whether ``model`` matches one of ``models``."""
+        return any(pattern == "*" or fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+    @property
+    def limited(self) -> bool:
+        """Whether admission must consult the shared counters at all."""
+        return any(
+            v is not None
+            for v in (self.rpm, self.tpm, self.max_concurrent, self.budget_day, self.budget_month)
+        )
+
+    def describe(self) -> str:
+        """One line for ``make key-list``: only what is set."""
+        parts = [f"models={','.join(self.models)}"]
+        for name in ("rpm", "tpm", "max_concurrent", "budget_day", "budget_month", "max_tokens", "max_n"):
+            value = getattr(self, name)
+            if value is not None:
+                parts.append(f"{name}={value}")
+        if self.clamp_max_tokens:
+            parts.append("clamp")
+        if self.enable_thinking is not None:
+            parts.append(f"enable_thinking={str(self.enable_thinking).lower()}")
+        if self.admin:
+            parts.append("admin")
+        return " ".join(parts)
 
 
-class ApiKey(_Base):
-    """One row per key ever created; revoked keys stay for the record."""
+_POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(KeyPolicy))
 
-    __tablename__ = "api_keys"
-    # A name identifies one active key; a revoked key's name can be given to a new key.
-    __table_args__ = (
-        Index("uq_api_keys_active_name", "name", unique=True, sqlite_where=text("revoked_at IS NULL")),
-    )
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(64), index=True)
-    key_id: Mapped[str] = mapped_column(String(_ID_HEX), unique=True, index=True)
-    key_hash: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+def _policy_of(row: ApiKey) -> KeyPolicy:
+    values = {name: getattr(row, name) for name in _POLICY_FIELDS}
+    values["models"] = tuple(row.models or ("*",))
+    values["clamp_max_tokens"] = bool(row.clamp_max_tokens)
+    values["admin"] = bool(row.admin)
+    return KeyPolicy(**values)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller a valid key identifies."""
+
+    name: str
+    key_id: str
+    policy: KeyPolicy
 
 
 @dataclass(frozen=True)
@@ -57,6 +129,19 @@ class KeyInfo:
     key_id: str
     created_at: datetime
     revoked_at: datetime | None
+    expires_at: datetime | None = None
+    policy: KeyPolicy = field(default_factory=KeyPolicy)
+
+    def state(self, now: datetime | None = None) -> str:
+        """``active``, ``expires <time>``, ``expired <time>`` or ``revoked <time>``."""
+        now = now or datetime.now(UTC)
+        if self.revoked_at is not None:
+            return f"revoked {self.revoked_at:%Y-%m-%d %H:%M}"
+        if self.expires_at is not None:
+            expires = _aware(self.expires_at)
+            word = "expired" if expires <= now else "expires"
+            return f"{word} {expires:%Y-%m-%d %H:%M} UTC"
+        return "active"
 
 
 class KeyError_(Exception):
@@ -72,90 +157,238 @@ def _valid_name(name: str) -> bool:
     return 0 < len(name) <= 64 and all(c.isalnum() or c in "-_." for c in name)
 
 
+def _aware(value: datetime) -> datetime:
+    """SQLite returns naive datetimes for timezone-aware columns; every stored time is UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _new_key() -> tuple[str, str]:
+    key_id = secrets.token_hex(_ID_HEX // 2)
+    return key_id, f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+
+
+def _is_usable(row: ApiKey, now: datetime) -> bool:
+    return row.revoked_at is None and (row.expires_at is None or _aware(row.expires_at) > now)
+
+
 class KeyStore:
-    """Create, list, revoke and check API keys in one SQLite file.
+    """Create, list, rotate, revoke and check API keys.
 
     Args:
-        path: the SQLite file; created (mode 0600, parent folders too) on first use.
-        ttl_s: seconds a cached set of active keys is trusted by ``lookup``.
+        database: a SQLite file path, or a SQLAlchemy URL (``postgresql+psycopg://...``).
+        ttl_s: seconds a loaded set of active keys is trusted by ``lookup``.
+        create: make a missing SQLite file (the CLI does; the gateway refuses to start without one).
     """
 
-    def __init__(self, path: Path, ttl_s: float = 2.0) -> None:
-        self.path = path
+    def __init__(self, database: Path | str, ttl_s: float = 2.0, *, create: bool = True) -> None:
+        self.url = f"sqlite:///{database}" if isinstance(database, Path) else database
         self.ttl_s = ttl_s
+        self._create = create
         self._engine: Engine | None = None
-        self._active: dict[str, tuple[str, str]] = {}
+        self._active: dict[str, tuple[str, Principal, float]] = {}
         self._loaded_at = float("-inf")
 
     @property
     def engine(self) -> Engine:
+        """The opened engine (tables created on first use)."""
         if self._engine is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fresh = not self.path.exists()
-            self._engine = create_engine(f"sqlite:///{self.path}")
-            _Base.metadata.create_all(self._engine)
-            if fresh:
-                os.chmod(self.path, 0o600)
+            self._engine = open_engine(self.url, create=self._create)
         return self._engine
 
-    def create(self, name: str) -> str:
+    def _active_rows(self, session: Session, name: str, now: datetime) -> list[ApiKey]:
+        rows = session.scalars(select(ApiKey).where(ApiKey.name == name, ApiKey.revoked_at.is_(None))).all()
+        return [r for r in rows if _is_usable(r, now)]
+
+    def create(self, name: str, policy: KeyPolicy | None = None, expires_at: datetime | None = None) -> str:
         """Create a key called ``name`` and return its plaintext, the only time it is ever available.
 
         Raises:
-            KeyError_: the name is invalid or already used.
+            KeyError_: the name is invalid or an active key already has it (rotate it instead).
         """
         if not _valid_name(name):
             raise KeyError_(f"invalid key name {name!r}: use 1-64 letters, digits, '-', '_' or '.'")
-        key_id = secrets.token_hex(_ID_HEX // 2)
-        key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
-        row = ApiKey(name=name, key_id=key_id, key_hash=hash_key(key), created_at=datetime.now(UTC))
-        try:
-            with Session(self.engine) as session, session.begin():
-                session.add(row)
-        except IntegrityError:
-            raise KeyError_(
-                f"an active key named {name!r} already exists: pick another name, or revoke it "
-                f"first (make key-revoke NAME={name})"
-            ) from None
+        now = datetime.now(UTC)
+        if expires_at is not None and _aware(expires_at) <= now:
+            raise KeyError_(f"expiry {expires_at:%Y-%m-%d %H:%M} is in the past")
+        key_id, key = _new_key()
+        values = dataclasses.asdict(policy or KeyPolicy())
+        values["models"] = list(values["models"])
+        with Session(self.engine) as session, session.begin():
+            if self._active_rows(session, name, now):
+                raise KeyError_(
+                    f"an active key named {name!r} already exists: pick another name, issue it a new "
+                    f"secret with `make key-rotate NAME={name}`, or revoke it first "
+                    f"(make key-revoke NAME={name})"
+                )
+            session.add(
+                ApiKey(
+                    name=name,
+                    key_id=key_id,
+                    key_hash=hash_key(key),
+                    created_at=now,
+                    expires_at=expires_at,
+                    **values,
+                )
+            )
         self._loaded_at = float("-inf")
         return key
 
-    def list(self) -> list[KeyInfo]:
-        """All keys, oldest first, revoked ones included."""
-        with Session(self.engine) as session:
-            rows = session.scalars(select(ApiKey).order_by(ApiKey.id)).all()
-            return [KeyInfo(r.name, r.key_id, r.created_at, r.revoked_at) for r in rows]
+    def rotate(self, name: str, grace: timedelta = timedelta(hours=1)) -> str:
+        """Issue a new secret for ``name`` with the same policy; the old ones stay valid for ``grace``.
 
-    def revoke(self, name: str) -> None:
-        """Revoke the key called ``name``.
+        Returns:
+            The new plaintext key (shown once).
 
         Raises:
             KeyError_: no active key has that name.
         """
+        now = datetime.now(UTC)
+        key_id, key = _new_key()
         with Session(self.engine) as session, session.begin():
-            row = session.scalars(
-                select(ApiKey).where(ApiKey.name == name, ApiKey.revoked_at.is_(None))
-            ).one_or_none()
-            if row is None:
+            rows = self._active_rows(session, name, now)
+            if not rows:
+                raise KeyError_(f"no active key named {name!r} to rotate (make key-list shows the keys)")
+            newest = max(rows, key=lambda r: r.id)
+            policy = dataclasses.asdict(_policy_of(newest))
+            policy["models"] = list(policy["models"])
+            until = now + grace
+            for row in rows:
+                if row.expires_at is None or _aware(row.expires_at) > until:
+                    row.expires_at = until
+            expiry = (
+                newest.expires_at if newest.expires_at is not None and newest.expires_at != until else None
+            )
+            session.add(
+                ApiKey(
+                    name=name,
+                    key_id=key_id,
+                    key_hash=hash_key(key),
+                    created_at=now,
+                    expires_at=expiry,
+                    **policy,
+                )
+            )
+        self._loaded_at = float("-inf")
+        return key
+
+    def list(self) -> list[KeyInfo]:
+        """All keys, oldest first, revoked and expired ones included."""
+        with Session(self.engine) as session:
+            rows = session.scalars(select(ApiKey).order_by(ApiKey.id)).all()
+            return [
+                KeyInfo(r.name, r.key_id, r.created_at, r.revoked_at, r.expires_at, _policy_of(r))
+                for r in rows
+            ]
+
+    def revoke(self, name: str) -> None:
+        """Revoke every active key called ``name`` (old secrets of a rotation included).
+
+        Raises:
+            KeyError_: no active key has that name.
+        """
+        now = datetime.now(UTC)
+        with Session(self.engine) as session, session.begin():
+            rows = self._active_rows(session, name, now)
+            if not rows:
                 raise KeyError_(f"no active key named {name!r} (make key-list shows the keys)")
-            row.revoked_at = datetime.now(UTC)
+            for row in rows:
+                row.revoked_at = now
         self._loaded_at = float("-inf")
 
-    def lookup(self, presented: str) -> str | None:
-        """The name of the active key ``presented``, or None (malformed, unknown or revoked)."""
-        if not presented.startswith(KEY_PREFIX):
-            return None
-        key_id = presented[len(KEY_PREFIX) : len(KEY_PREFIX) + _ID_HEX]
-        now = time.monotonic()
-        if now - self._loaded_at > self.ttl_s:
-            with Session(self.engine) as session:
-                rows = session.execute(
-                    select(ApiKey.key_id, ApiKey.key_hash, ApiKey.name).where(ApiKey.revoked_at.is_(None))
+    def set_policy(self, name: str, **changes: Any) -> KeyPolicy:
+        """Change policy fields of every active key called ``name``; returns the new policy.
+
+        Raises:
+            KeyError_: no active key has that name, or a field is unknown.
+        """
+        unknown = set(changes) - set(_POLICY_FIELDS)
+        if unknown:
+            raise KeyError_(f"unknown policy fields {sorted(unknown)}; known: {', '.join(_POLICY_FIELDS)}")
+        if "models" in changes:
+            changes["models"] = list(changes["models"])
+        now = datetime.now(UTC)
+        with Session(self.engine) as session, session.begin():
+            rows = self._active_rows(session, name, now)
+            if not rows:
+                raise KeyError_(f"no active key named {name!r} (make key-list shows the keys)")
+            session.execute(update(ApiKey).where(ApiKey.id.in_([r.id for r in rows])).values(**changes))
+        self._loaded_at = float("-inf")
+        with Session(self.engine) as session:
+            return _policy_of(session.get_one(ApiKey, rows[0].id))
+
+    def load_active(self) -> dict[str, tuple[str, Principal, float]]:
+        """Every usable key: ``key_id -> (hash, principal, expires_at epoch or inf)`` (blocking I/O)."""
+        now = datetime.now(UTC)
+        with Session(self.engine) as session:
+            rows = session.scalars(
+                select(ApiKey).where(
+                    ApiKey.revoked_at.is_(None), or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > now)
                 )
-                self._active = {kid: (digest, name) for kid, digest, name in rows}
-            self._loaded_at = now
-        entry = self._active.get(key_id)
-        if entry is None:
-            return None
-        stored, name = entry
-        return name if hmac.compare_digest(stored, hash_key(presented)) else None
+            ).all()
+            return {
+                r.key_id: (
+                    r.key_hash,
+                    Principal(r.name, r.key_id, _policy_of(r)),
+                    _aware(r.expires_at).timestamp() if r.expires_at is not None else float("inf"),
+                )
+                for r in rows
+            }
+
+    def lookup(self, presented: str) -> str | None:
+        """The name of the usable key ``presented``, or None (blocking; for the CLI and tests)."""
+        if time.monotonic() - self._loaded_at > self.ttl_s:
+            self._active = self.load_active()
+            self._loaded_at = time.monotonic()
+        principal = match(self._active, presented)
+        return principal.name if principal else None
+
+
+def match(active: dict[str, tuple[str, Principal, float]], presented: str) -> Principal | None:
+    """The principal ``presented`` identifies in ``active`` (see ``KeyStore.load_active``), or None."""
+    if not presented.startswith(KEY_PREFIX):
+        return None
+    entry = active.get(presented[len(KEY_PREFIX) : len(KEY_PREFIX) + _ID_HEX])
+    if entry is None:
+        return None
+    stored, principal, expires_at = entry
+    if expires_at <= time.time() or not hmac.compare_digest(stored, hash_key(presented)):
+        return None
+    return principal
+
+
+class KeyCache:
+    """The gateway worker's view of the active keys: ``await authenticate(key)`` never blocks the event
+    loop; the database is read in a thread at most every ``store.ttl_s`` seconds, one read at a time.
+
+    Args:
+        store: where the keys live.
+    """
+
+    def __init__(self, store: KeyStore) -> None:
+        self.store = store
+        self._active: dict[str, tuple[str, Principal, float]] = {}
+        self._loaded_at = float("-inf")
+        self._refresh: asyncio.Future[None] | None = None
+
+    async def _reload(self) -> None:
+        self._active = await asyncio.to_thread(self.store.load_active)
+        self._loaded_at = time.monotonic()
+
+    async def authenticate(self, presented: str) -> Principal | None:
+        """The principal of ``presented`` or None (malformed, unknown, expired or revoked).
+
+        Raises:
+            sqlalchemy.exc.SQLAlchemyError: the key database could not be read and no copy is loaded
+                yet (the gateway answers 500 with its error envelope).
+        """
+        if time.monotonic() - self._loaded_at > self.store.ttl_s:
+            if self._refresh is None or self._refresh.done():
+                self._refresh = asyncio.ensure_future(self._reload())
+            try:
+                await asyncio.shield(self._refresh)
+            except Exception as exc:
+                if self._loaded_at == float("-inf"):
+                    raise  # nothing loaded yet: the caller answers 500
+                # A failed read keeps the copy loaded before (retried at the next request).
+                logger.warning("key database read failed; using the keys loaded before: %r", exc)
+        return match(self._active, presented)

@@ -24,7 +24,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 class GatewayMetrics:
     """The gateway's counters. Label values are bounded: routes from the allowlist, models that the
-    upstream accepted (it answers 404 for any other)."""
+    upstream accepted (it answers 404 for any other), key names (created by an admin)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -46,8 +46,12 @@ class GatewayMetrics:
         self.client_disconnects = Counter(
             "kit_gateway_client_disconnects", "Streams the client left early (upstream cancelled)", registry=r
         )
+        # Per key name (bounded: the keys an admin created), model and type (prompt, completion, reasoning).
         self.tokens = Counter(
-            "kit_gateway_tokens", "Tokens reported by the upstream", ["model", "type"], registry=r
+            "kit_gateway_tokens", "Tokens reported by the upstream", ["key", "model", "type"], registry=r
+        )
+        self.rate_limited = Counter(
+            "kit_gateway_rate_limited", "Requests refused by a key's limits", ["key", "limit"], registry=r
         )
 
     def render(self) -> tuple[bytes, str]:

@@ -1,8 +1,13 @@
-"""The pass-through routes: authenticate, read the body once, forward bytes both ways.
+"""The pass-through pipeline for one request: authenticate -> admit -> rewrite -> relay -> account.
 
-These are plain Starlette endpoints (no FastAPI dependency layer, no pydantic models) because they sit on
-the path of every token. Upstream bytes are forwarded as they arrive, never re-encoded; the request body
-is parsed at most once, only to learn ``model`` and ``stream``.
+Plain ASGI, no framework objects on the path of every token: headers are read from the ASGI scope, the
+body is parsed at most once (only to learn ``model``, ``stream`` and the fields a policy caps), and
+upstream bytes are forwarded as they arrive, never re-encoded (the one exception: the usage-only chunk
+the gateway asked vLLM for is dropped when the client did not ask for it).
+
+A watcher task waits for the client to leave; when it does before the answer is complete, the request's
+task is cancelled, which closes the upstream connection, and vLLM aborts the generation (streamed or
+not).
 """
 
 from __future__ import annotations
@@ -10,107 +15,147 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from sqlalchemy.engine import Engine
+from starlette.types import Message, Receive, Scope, Send
 
-from serve.gateway.errors import error_response, stream_error_event
-from serve.gateway.keys import KeyStore
+from serve.gateway import policy
+from serve.gateway.errors import (
+    GatewayError,
+    send_error,
+    stream_error_event,
+    timed_out,
+    too_large,
+    unauthorized,
+    unavailable,
+)
+from serve.gateway.keys import KeyCache, Principal
+from serve.gateway.ledger import LedgerWriter
+from serve.gateway.limits import Denial, Limiter, Reservation
 from serve.gateway.metrics import GatewayMetrics
+from serve.gateway.routes import Route
 from serve.gateway.settings import GatewaySettings
-from serve.gateway.usage import UsageCounter
+from serve.gateway.usage import UsageChunkFilter, UsageCounter
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Route:
-    """One allowlisted upstream route. ``api`` picks the stream error framing."""
-
-    path: str
-    method: str
-    api: str
-
-
-# The only upstream paths a client can reach. vLLM leaves /invocations, /pause, /update_weights,
-# /v1/load_lora_adapter... unauthenticated even with --api-key (shared/reference/qwen3.6-27b.md).
-ROUTES = (
-    Route("/v1/chat/completions", "POST", "openai"),
-    Route("/v1/completions", "POST", "openai"),
-    Route("/v1/responses", "POST", "openai"),
-    Route("/v1/models", "GET", "openai"),
-    Route("/v1/messages", "POST", "anthropic"),
-    Route("/v1/messages/count_tokens", "POST", "anthropic"),
+_FORWARD_REQUEST_HEADERS = frozenset({b"content-type", b"accept", b"anthropic-version", b"anthropic-beta"})
+# Hop-by-hop headers (RFC 9110 section 7.6.1) and those the gateway's server sets itself.
+_DROP_RESPONSE_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "date",
+        "server",
+        "x-request-id",
+    }
 )
-
-_FORWARD_REQUEST_HEADERS = ("content-type", "accept", "anthropic-version", "anthropic-beta")
 _SSE = "text/event-stream"
 
 
 @dataclass
 class Gateway:
-    """What the pass-through routes share, built in ``create_app`` and opened in its lifespan."""
+    """What the pass-through routes of one worker share, built in ``create_app``, opened in its lifespan."""
 
     settings: GatewaySettings
-    keys: KeyStore
+    keys: KeyCache
+    limiter: Limiter
+    ledger: LedgerWriter
     metrics: GatewayMetrics
+    engine: Engine
     session: aiohttp.ClientSession | None = None
     upstream_headers: dict[str, str] = field(default_factory=dict)
 
-
-def _presented_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization")
-    if auth and auth[:7].lower() == "bearer ":
-        return auth[7:].strip()
-    return request.headers.get("x-api-key")
+    @property
+    def upstream_base(self) -> str:
+        return self.settings.upstream_base
 
 
-def _unauthorized() -> Response:
-    return error_response(
-        401,
-        "Missing or invalid API key. Send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'; "
-        "an admin creates keys with `make key NAME=...`.",
-        "invalid_request_error",
-        "invalid_api_key",
-        headers={"www-authenticate": "Bearer"},
-    )
+class ClientGone(Exception):
+    """The client disconnected before the answer was complete."""
 
 
-def _too_large(limit: int) -> Response:
-    return error_response(
-        413,
-        f"Request body is larger than the gateway's limit of {limit} bytes (setting max_body_bytes).",
-        "invalid_request_error",
-        "request_too_large",
-    )
+@dataclass(slots=True)
+class Call:
+    """One request's state, from the first byte in to its ledger row."""
+
+    request_id: str
+    route: Route
+    start: float
+    created_at: datetime
+    principal: Principal | None = None
+    model: str | None = None
+    stream: bool = False
+    status: int = 500
+    outcome: str = "upstream_error"
+    ttft_ms: float | None = None
+    usage: UsageCounter = field(default_factory=UsageCounter)
+    reservation: Reservation | None = None
+    settled: bool = False
+    finished: bool = False  # the last byte is being sent: a disconnect now is not a client leaving
+    client_gone: bool = False
 
 
-def unavailable(gateway: Gateway, detail: str, code: str = "upstream_unavailable") -> Response:
-    """503 with ``Retry-After``: the model server is down, starting, or missing the model."""
-    return error_response(
-        503,
-        f"The model server is not available ({detail}); retry shortly.",
-        "service_unavailable",
-        code,
-        headers={"retry-after": str(gateway.settings.retry_after_s)},
-    )
+def presented_key(scope: Scope) -> str | None:
+    """The key from ``Authorization: Bearer`` or ``x-api-key``."""
+    api_key = None
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            text = value.decode("latin-1")
+            if text[:7].lower() == "bearer ":
+                return text[7:].strip()
+        elif name == b"x-api-key":
+            api_key = value.decode("latin-1")
+    return api_key
 
 
-async def _read_body(request: Request, limit: int) -> bytes | None:
-    """The whole request body, or None once it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        return None
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
+async def authenticate(gateway: Gateway, scope: Scope) -> Principal:
+    """The caller's principal.
+
+    Raises:
+        GatewayError: 401 for a missing, malformed, unknown, expired or revoked key.
+    """
+    presented = presented_key(scope)
+    principal = await gateway.keys.authenticate(presented) if presented else None
+    if principal is None:
+        raise unauthorized()
+    return principal
+
+
+async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
+    """The whole request body.
+
+    Raises:
+        GatewayError: 413 once it passes ``limit`` bytes (declared or counted).
+    """
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if value.isdigit() and int(value) > limit:
+                raise too_large(limit)
+            break
+    body = b""
+    more = True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        body += message.get("body", b"")
         if len(body) > limit:
-            return None
-    return bytes(body)
+            raise too_large(limit)
+        more = message.get("more_body", False)
+    return body
 
 
 def _request_object(body: bytes) -> dict[str, Any] | None:
@@ -125,24 +170,98 @@ def _request_object(body: bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def with_template_defaults(obj: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any] | None:
-    """``obj`` with ``defaults`` under the ``chat_template_kwargs`` keys it does not set; None when
-    nothing changes (the body is then forwarded byte for byte)."""
-    given = obj.get("chat_template_kwargs")
-    if given is None:
-        given = {}
-    if not isinstance(given, dict):
-        return None  # vLLM reports the malformed field itself
-    merged = {**defaults, **given}
-    if merged == given:
-        return None
-    return {**obj, "chat_template_kwargs": merged}
+def rewrite(gateway: Gateway, call: Call, obj: dict[str, Any] | None) -> tuple[dict[str, Any], bool]:
+    """The top-level fields to change in the request body, and whether the client wants stream usage.
+
+    Raises:
+        GatewayError: 403 (model not allowed) or 400 (a cap exceeded).
+    """
+    assert call.principal is not None
+    route = call.route
+    if obj is None:
+        return {}, True
+    policy.check_model(call.principal, call.model)
+    changes = policy.capped_fields(obj, route, call.principal)
+    if route.template_kwargs:
+        defaults = dict(gateway.settings.default_chat_template_kwargs.get(call.model or "", {}))
+        thinking = call.principal.policy.enable_thinking
+        if thinking is not None:
+            defaults.setdefault("enable_thinking", thinking)
+        if defaults:
+            merged = policy.template_kwargs(obj, defaults)
+            if merged is not None:
+                changes["chat_template_kwargs"] = merged
+    wants_usage = True
+    if call.stream and route.stream_usage:
+        options, wants_usage = policy.stream_usage_options(obj)
+        if options is not None:
+            changes["stream_options"] = options
+    return changes, wants_usage
 
 
-def without_server_paths(payload: bytes) -> bytes:
-    """A ``/v1/models`` body with each model's ``root`` (vLLM puts the model's or adapter's folder on the
-    server there) replaced by its id: API clients need not learn the server's file layout. Anything
-    that is not the expected JSON passes unchanged."""
+async def admit(gateway: Gateway, call: Call, obj: dict[str, Any] | None, body_bytes: int) -> None:
+    """Count the request against its key's limits.
+
+    Raises:
+        GatewayError: 429 with ``Retry-After`` naming the limit and its reset (400 when the request alone
+            is larger than a token limit).
+    """
+    principal = call.principal
+    assert principal is not None
+    if not call.route.generates or not principal.policy.limited:
+        return
+    tokens = policy.output_reservation(obj, call.route, body_bytes, gateway.settings.unreserved_output_tokens)
+    result = await gateway.limiter.admit_async(principal.name, principal.policy, call.request_id, tokens)
+    if isinstance(result, Denial):
+        now = time.time()
+        gateway.metrics.rate_limited.labels(principal.name, result.limit).inc()
+        if result.never_fits:
+            raise GatewayError(
+                400, result.message(principal.name, now), "invalid_request_error", "max_tokens_exceeded"
+            )
+        budget = result.limit.startswith("budget")
+        raise GatewayError(
+            429,
+            result.message(principal.name, now),
+            "insufficient_quota" if budget else ("tokens" if result.limit == "tpm" else "requests"),
+            "insufficient_quota" if budget else "rate_limit_exceeded",
+            headers={
+                "retry-after": str(max(1, int(result.resets_at - now + 0.999))),
+                "x-ratelimit-limit": f"{result.limit}={result.value}",
+                "x-ratelimit-reset": datetime.fromtimestamp(result.resets_at, UTC).strftime(
+                    "%Y-%m-%dT%H:%M:%SZ"
+                ),
+            },
+        )
+    call.reservation = result
+
+
+async def settle(gateway: Gateway, call: Call) -> None:
+    """Replace the call's reservation by its real usage and free its in-flight slot (once)."""
+    if call.settled or call.reservation is None:
+        return
+    call.settled = True
+    try:
+        await gateway.limiter.settle_async(call.reservation, call.usage.total)
+    except Exception:
+        logger.exception("settling the limits of request %s failed", call.request_id)
+
+
+def _response_headers(
+    upstream: aiohttp.ClientResponse, extra: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    headers = [
+        (name.lower().encode("latin-1"), value.encode("latin-1"))
+        for name, value in upstream.headers.items()
+        if name.lower() not in _DROP_RESPONSE_HEADERS
+    ]
+    return headers + extra
+
+
+def filtered_listing(payload: bytes, principal: Principal) -> bytes:
+    """A ``/v1/models`` body with only the models the key may use, and each model's ``root`` (vLLM puts
+    the model's or adapter's folder on the server there) replaced by its id. Anything that is not the
+    expected JSON passes unchanged."""
     try:
         listing = json.loads(payload)
     except ValueError:
@@ -150,106 +269,231 @@ def without_server_paths(payload: bytes) -> bytes:
     models = listing.get("data") if isinstance(listing, dict) else None
     if not isinstance(models, list):
         return payload
+    kept = []
     for entry in models:
-        if isinstance(entry, dict) and "root" in entry and "id" in entry:
-            entry["root"] = entry["id"]
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+            if not principal.policy.allows(entry["id"]):
+                continue
+            if "root" in entry:
+                entry["root"] = entry["id"]
+        kept.append(entry)
+    listing["data"] = kept
     return json.dumps(listing).encode()
 
 
-def make_endpoint(route: Route) -> Callable[[Request], Awaitable[Response]]:
-    """The Starlette endpoint that forwards ``route`` to the upstream."""
+async def relay(
+    gateway: Gateway, call: Call, scope: Scope, send: Send, body: bytes, wants_usage: bool
+) -> None:
+    """Send the request upstream and the answer back, streamed as it arrives.
 
-    async def endpoint(request: Request) -> Response:
-        gateway: Gateway = request.app.state.gateway
-        info: dict[str, Any] = request.scope.setdefault("state", {}).setdefault("kit", {})
-        presented = _presented_key(request)
-        key_name = gateway.keys.lookup(presented) if presented else None
-        if key_name is None:
-            return _unauthorized()
-        info["key"] = key_name
-        body = await _read_body(request, gateway.settings.max_body_bytes)
-        if body is None:
-            return _too_large(gateway.settings.max_body_bytes)
-        obj = _request_object(body)
-        model = obj.get("model") if obj is not None else None
-        model = model if isinstance(model, str) else None
-        info["model"] = model
-        info["stream"] = obj is not None and obj.get("stream") is True
-        defaults = gateway.settings.default_chat_template_kwargs.get(model or "")
-        if defaults and obj is not None and route.path == "/v1/chat/completions":
-            changed = with_template_defaults(obj, defaults)
-            if changed is not None:
-                body = json.dumps(changed).encode()
-        headers = {h: v for h in _FORWARD_REQUEST_HEADERS if (v := request.headers.get(h)) is not None}
-        headers.update(gateway.upstream_headers)
-        url = gateway.settings.upstream_base + route.path
-        if request.url.query:
-            url += "?" + request.url.query
-        assert gateway.session is not None, "the gateway session opens in the app's lifespan"
-        try:
-            upstream = await gateway.session.request(route.method, url, data=body or None, headers=headers)
-        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-            gateway.metrics.upstream_errors.labels("connect").inc()
-            logger.warning("upstream unreachable: %s", exc.__class__.__name__)
-            return unavailable(gateway, "connection refused or timed out")
+    Raises:
+        GatewayError: 503 (upstream unreachable) or 504 (upstream silent for the read timeout) before
+            any byte of the answer was sent.
+    """
+    settings = gateway.settings
+    route = call.route
+    headers = {
+        name.decode("latin-1"): value.decode("latin-1")
+        for name, value in scope["headers"]
+        if name in _FORWARD_REQUEST_HEADERS
+    }
+    headers.update(gateway.upstream_headers)
+    headers["x-request-id"] = call.request_id  # vLLM's logs and request ids join ours
+    headers["accept-encoding"] = "identity"  # bytes are relayed as they are: never ask for compression
+    url = gateway.upstream_base + route.path
+    if scope.get("query_string"):
+        url += "?" + scope["query_string"].decode("latin-1")
+    assert gateway.session is not None, "the upstream session opens in the app's lifespan"
+    try:
+        upstream = await gateway.session.request(route.method, url, data=body or None, headers=headers)
+    except aiohttp.ServerTimeoutError:
+        gateway.metrics.upstream_errors.labels("timeout").inc()
+        raise timed_out(settings.upstream_read_timeout_s) from None
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        gateway.metrics.upstream_errors.labels("connect").inc()
+        logger.warning("upstream unreachable: %s", exc.__class__.__name__)
+        raise unavailable("connection refused or reset", settings.retry_after_s) from None
+    try:
+        call.status = upstream.status
         content_type = upstream.headers.get("content-type", "application/json")
         if upstream.status >= 400 or not content_type.startswith(_SSE):
-            try:
-                payload = await upstream.read()
-            except (aiohttp.ClientError, TimeoutError):
-                gateway.metrics.upstream_errors.labels("read").inc()
-                return unavailable(gateway, "the response broke off")
-            finally:
-                upstream.release()
-            if upstream.status >= 500:
-                gateway.metrics.upstream_errors.labels("status").inc()
-            if upstream.status < 400:
-                usage = UsageCounter()
-                usage.feed_body(payload)
-                _record_usage(gateway, model, usage)
-            if route.path == "/v1/models" and upstream.status == 200:
-                payload = without_server_paths(payload)
-            # Upstream error bodies pass through unchanged, status and content type included.
-            return Response(payload, upstream.status, media_type=content_type)
-        return StreamingResponse(
-            _relay(gateway, upstream, route.api, model), upstream.status, media_type=content_type
-        )
-
-    endpoint.__name__ = "proxy_" + route.path.strip("/").replace("/", "_")
-    return endpoint
+            await _relay_whole(gateway, call, upstream, send)
+        else:
+            await _relay_stream(gateway, call, upstream, send, wants_usage)
+    finally:
+        upstream.close()
 
 
-def _record_usage(gateway: Gateway, model: str | None, usage: UsageCounter) -> None:
-    label = model or "unknown"
-    if usage.prompt:
-        gateway.metrics.tokens.labels(label, "prompt").inc(usage.prompt)
-    if usage.completion:
-        gateway.metrics.tokens.labels(label, "completion").inc(usage.completion)
+async def _relay_whole(gateway: Gateway, call: Call, upstream: aiohttp.ClientResponse, send: Send) -> None:
+    try:
+        payload = await upstream.read()
+    except aiohttp.ServerTimeoutError:
+        gateway.metrics.upstream_errors.labels("timeout").inc()
+        raise timed_out(gateway.settings.upstream_read_timeout_s) from None
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        gateway.metrics.upstream_errors.labels("read").inc()
+        logger.warning("upstream answer broke off: %s", exc.__class__.__name__)
+        raise unavailable("the response broke off", gateway.settings.retry_after_s) from None
+    if upstream.status >= 500:
+        gateway.metrics.upstream_errors.labels("status").inc()
+    if upstream.status < 400:
+        call.usage.feed_body(payload)
+        if call.route.lists_models and call.principal is not None:
+            payload = filtered_listing(payload, call.principal)
+    call.outcome = "ok"
+    await settle(gateway, call)
+    headers = _response_headers(upstream, [(b"content-length", str(len(payload)).encode())])
+    call.finished = True
+    await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload, "more_body": False})
 
 
-async def _relay(
-    gateway: Gateway, upstream: aiohttp.ClientResponse, api: str, model: str | None
-) -> AsyncIterator[bytes]:
-    """Yield the upstream's SSE bytes as they arrive.
-
-    If the upstream breaks mid-stream, end with an error event (never a normal finish). If the client
-    goes away, Starlette cancels this generator and ``finally`` closes the upstream connection, which
-    makes vLLM abort the request.
-    """
-    usage = UsageCounter()
+async def _relay_stream(
+    gateway: Gateway, call: Call, upstream: aiohttp.ClientResponse, send: Send, wants_usage: bool
+) -> None:
+    usage = call.usage
+    strip = None if wants_usage else UsageChunkFilter()
+    await send(
+        {"type": "http.response.start", "status": upstream.status, "headers": _response_headers(upstream, [])}
+    )
+    tail = b""
     try:
         async for chunk in upstream.content.iter_any():
+            if call.ttft_ms is None:
+                call.ttft_ms = (time.perf_counter() - call.start) * 1000
             usage.feed_sse(chunk)
-            yield chunk
-    except asyncio.CancelledError:
-        gateway.metrics.client_disconnects.inc()
-        raise
+            out = strip.feed(chunk) if strip is not None else chunk
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+        call.outcome = "ok"
+        if strip is not None:
+            tail = strip.flush()
     except (aiohttp.ClientError, TimeoutError) as exc:
         gateway.metrics.upstream_errors.labels("stream").inc()
         logger.warning("upstream stream broke: %s", exc.__class__.__name__)
-        yield stream_error_event(
-            api, "The model server's stream ended unexpectedly; the answer is incomplete."
+        call.outcome = "upstream_error"
+        tail = stream_error_event(
+            call.route.api, "The model server's stream ended unexpectedly; the answer is incomplete."
         )
+    await settle(gateway, call)
+    call.finished = True
+    await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+async def watch_disconnect(receive: Receive, call: Call, task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` when the client leaves before the answer is complete."""
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+    if not call.finished:
+        call.client_gone = True
+        task.cancel()
+
+
+async def count_reasoning(gateway: Gateway, call: Call) -> None:
+    """Reasoning tokens of an answer whose API reports none (Anthropic thinking blocks): the thinking
+    text counted with the served tokenizer (vLLM's ``/tokenize``)."""
+    usage = call.usage
+    if usage.reasoning_reported or not usage.reasoning_text or gateway.session is None:
+        return
+    try:
+        async with gateway.session.post(
+            gateway.upstream_base + "/tokenize",
+            json={"model": call.model, "prompt": "".join(usage.reasoning_text), "add_special_tokens": False},
+            headers=gateway.upstream_headers,
+        ) as reply:
+            counted = (await reply.json()).get("count") if reply.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        logger.warning("could not count reasoning tokens of %s: %r", call.request_id, exc)
+        return
+    if isinstance(counted, int):
+        usage.reasoning = counted
+
+
+def ledger_row(call: Call) -> dict[str, Any]:
+    """The call's ``usage_ledger`` row."""
+    usage = call.usage
+    return {
+        "request_id": call.request_id,
+        "created_at": call.created_at,
+        "key_name": call.principal.name if call.principal else None,
+        "model": call.model,
+        "route": call.route.path,
+        "status": call.status,
+        "outcome": call.outcome,
+        "stream": call.stream,
+        "prompt_tokens": usage.prompt,
+        "completion_tokens": usage.completion,
+        "reasoning_tokens": usage.reasoning,
+        "cached_tokens": usage.cached,
+        "latency_ms": round((time.perf_counter() - call.start) * 1000, 3),
+        "ttft_ms": round(call.ttft_ms, 3) if call.ttft_ms is not None else None,
+        "finish_reason": usage.finish_reason,
+        "policy_id": None,
+    }
+
+
+def account(gateway: Gateway, call: Call) -> None:
+    """Ledger row and per-key token counters for a finished call (no I/O: the ledger batches)."""
+    usage = call.usage
+    if call.principal is not None and (usage.prompt or usage.completion):
+        key, model = call.principal.name, call.model or "unknown"
+        tokens = gateway.metrics.tokens
+        tokens.labels(key, model, "prompt").inc(usage.prompt)
+        tokens.labels(key, model, "completion").inc(usage.completion)
+        if usage.reasoning:
+            tokens.labels(key, model, "reasoning").inc(usage.reasoning)
+    gateway.ledger.record(ledger_row(call))
+
+
+async def forward(
+    gateway: Gateway, route: Route, scope: Scope, receive: Receive, send: Send, call: Call
+) -> None:
+    """Serve one pass-through request: authenticate -> admit -> rewrite -> relay -> account.
+
+    Errors the gateway raises are answered in the route's API shape; the ledger gets one row whatever
+    happens.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    watcher: asyncio.Task[None] | None = None
+    try:
+        try:
+            call.principal = await authenticate(gateway, scope)
+            body = await read_body(receive, scope, gateway.settings.max_body_bytes)
+            watcher = asyncio.ensure_future(watch_disconnect(receive, call, task))
+            obj = _request_object(body)
+            if obj is not None:
+                model = obj.get("model")
+                call.model = model if isinstance(model, str) else None
+                call.stream = obj.get("stream") is True
+            call.usage.collect_thinking = route.thinking_text
+            changes, wants_usage = rewrite(gateway, call, obj)
+            if changes:
+                assert obj is not None
+                body = json.dumps({**obj, **changes}).encode()
+            await admit(gateway, call, obj, len(body))
+            await relay(gateway, call, scope, send, body, wants_usage)
+        except GatewayError as error:
+            call.status = error.status
+            call.outcome = "upstream_error" if error.status in (503, 504) else "rejected"
+            call.finished = True
+            await send_error(send, route.api, error)
+        except ClientGone:
+            call.client_gone = True
+    except asyncio.CancelledError:
+        if not call.client_gone:
+            raise
+        task.uncancel()
     finally:
-        upstream.close()
-        _record_usage(gateway, model, usage)
+        if watcher is not None:
+            watcher.cancel()
+        if call.client_gone:
+            call.outcome = "client_disconnect"
+            call.status = 499  # nginx's "client closed request": what the ledger shows for it
+            gateway.metrics.client_disconnects.inc()
+        await settle(gateway, call)
+        if route.thinking_text:
+            await count_reasoning(gateway, call)
+        account(gateway, call)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import AnyHttpUrl, Field, SecretStr, field_validator
+from pydantic import AnyHttpUrl, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -19,7 +19,21 @@ from pydantic_settings import (
 )
 
 CONFIG_ENV = "KIT_GATEWAY_CONFIG"
-DEFAULT_CONFIG = Path("configs/gateway.yaml")
+ROOT_ENV = "KIT_ROOT"
+
+
+def kit_root() -> Path:
+    """The kit's folder (the one holding ``configs/``): ``$KIT_ROOT`` when set, else the checkout this
+    package runs from. Relative paths in the gateway's settings resolve against it, never against the
+    current directory (started elsewhere, the gateway would otherwise open an empty key database)."""
+    if ROOT_ENV in os.environ:
+        return Path(os.environ[ROOT_ENV]).resolve()
+    return Path(__file__).resolve().parents[2]
+
+
+def default_config() -> Path:
+    """``configs/gateway.yaml`` under the kit's folder."""
+    return kit_root() / "configs" / "gateway.yaml"
 
 
 class GatewaySettings(BaseSettings):
@@ -32,18 +46,45 @@ class GatewaySettings(BaseSettings):
     workers: int = Field(default=1, ge=1)
     upstream_url: AnyHttpUrl = AnyHttpUrl("http://127.0.0.1:8000")
     """The vLLM server (bound to loopback by every serve profile)."""
+    upstream_uds: Path | None = None
+    """vLLM's Unix socket (a profile's ``vllm.uds``). When set, connections go to this socket and
+    ``upstream_url`` only supplies the Host header and the request URLs."""
     upstream_api_key: SecretStr | None = None
     """Sent to vLLM as ``Authorization: Bearer`` when vLLM runs with ``--api-key`` (env only, never YAML)."""
     served_model_names: list[str] = Field(default_factory=list)
     """Model ids ``/readyz`` requires in the upstream's ``/v1/models``; empty accepts any."""
     keys_db: Path = Path("state/gateway.sqlite")
+    """The SQLite file with keys, limit counters and the usage ledger (relative: to the kit's folder)."""
+    database_url: str | None = None
+    """A SQLAlchemy URL used instead of ``keys_db``, e.g. ``postgresql+psycopg://kit@db-host/kit`` when
+    several gateway hosts share keys, limits and the ledger. Put a password in the environment
+    (``KIT_GATEWAY_DATABASE_URL``) or in ``~/.pgpass``, never in the YAML."""
+    create_keys_db: bool = False
+    """Create the SQLite file when it is missing. Off: a gateway pointed at a missing file refuses to
+    start (it would answer 401 to every key) instead of creating an empty one."""
     key_cache_ttl_s: float = Field(default=2.0, ge=0)
-    """How long a worker trusts its in-memory copy of the active keys: a revoked key stops working
-    within this time."""
+    """How long a worker trusts its in-memory copy of the active keys: a revoked or expired key, or a
+    policy change, takes effect within this time."""
+    ledger_flush_interval_s: float = Field(default=0.25, gt=0)
+    """Longest a usage-ledger row waits in a worker's memory before its batch is written."""
+    unreserved_output_tokens: int = Field(default=4096, ge=0)
+    """Output tokens a request that sets no ``max_tokens`` reserves against ``tpm`` and budgets (settled
+    to its real usage when it ends)."""
+    max_request_s: float = Field(default=6 * 3600, gt=0)
+    """Longest a request may hold an in-flight slot (``max_concurrent``) if its worker dies before it
+    releases the slot."""
+    metrics_key: SecretStr | None = None
+    """When set, ``/metrics`` needs ``Authorization: Bearer <metrics_key>`` (env only)."""
+    ssl_certfile: Path | None = None
+    """Serve HTTPS with this certificate (PEM; with ``ssl_keyfile``), through uvicorn's TLS options."""
+    ssl_keyfile: Path | None = None
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
-    upstream_read_timeout_s: float = Field(default=600.0, gt=0)
-    """Longest silence between two upstream bytes (a long generation streams; a stuck one ends)."""
+    upstream_read_timeout_s: float = Field(default=3600.0, gt=0)
+    """Longest silence between two upstream bytes. A non-streamed answer is silent until it is complete,
+    so this must exceed the longest generation a profile allows: ``kit up`` raises it to
+    ``max_model_len / 10`` seconds (10 tokens/s, the slowest decode the kit plans for). Past it the
+    client gets 504 (no ``Retry-After``: a retry would repeat the whole generation)."""
     upstream_max_connections: int = Field(default=1024, ge=1)
     retry_after_s: int = Field(default=5, ge=1)
     """``Retry-After`` sent with 503 while the upstream is down or starting."""
@@ -53,6 +94,22 @@ class GatewaySettings(BaseSettings):
     not set itself. vLLM's ``--default-chat-template-kwargs`` is one value for the whole server; this
     lets an adapter trained without reasoning (non-thinking) sit next to a base that thinks by default
     (``kit up`` fills it from each adapter's ``kit-adapter.json``)."""
+
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> GatewaySettings:
+        root = kit_root()
+        for name in ("keys_db", "ssl_certfile", "ssl_keyfile", "upstream_uds"):
+            value = getattr(self, name)
+            if value is not None and not value.is_absolute():
+                setattr(self, name, root / value)
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("set both ssl_certfile and ssl_keyfile for HTTPS, or neither")
+        return self
+
+    @property
+    def database(self) -> str:
+        """The SQLAlchemy URL of the gateway's database."""
+        return self.database_url or f"sqlite:///{self.keys_db}"
 
     @field_validator("upstream_url")
     @classmethod
@@ -73,7 +130,7 @@ class GatewaySettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        yaml_file = Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG))
+        yaml_file = Path(os.environ[CONFIG_ENV]) if CONFIG_ENV in os.environ else default_config()
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if yaml_file.is_file():
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))

@@ -1,0 +1,121 @@
+"""The usage ledger: one row per request, written off the hot path by one batched writer per worker.
+
+``record`` only appends a dict to a list (no I/O, never blocks a stream). A background task inserts what
+has gathered every ``flush_interval_s`` seconds, or as soon as ``batch_rows`` are waiting, in one
+transaction in a thread. A failed insert (a locked or unreachable database) keeps its rows and retries
+with backoff; at shutdown the writer flushes everything, and rows it still cannot insert are appended
+to a JSONL spill file (``<state>/ledger-spill-<pid>.jsonl``) and logged, never dropped. Each spilled line is
+one ``usage_ledger`` row, ready to insert by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import insert
+from sqlalchemy.engine import Engine
+
+from serve.gateway.store import LedgerRow
+
+logger = logging.getLogger(__name__)
+
+
+class LedgerWriter:
+    """Batches ledger rows into the database.
+
+    Args:
+        engine: the gateway's database.
+        spill_dir: where rows go that could not be inserted by shutdown.
+        flush_interval_s: longest a row waits in memory.
+        batch_rows: rows that trigger a flush before the interval.
+    """
+
+    def __init__(
+        self, engine: Engine, spill_dir: Path, flush_interval_s: float = 0.25, batch_rows: int = 500
+    ) -> None:
+        self.engine = engine
+        self.spill_dir = spill_dir
+        self.flush_interval_s = flush_interval_s
+        self.batch_rows = batch_rows
+        self._rows: list[dict[str, Any]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.written = 0
+
+    def record(self, row: dict[str, Any]) -> None:
+        """Queue one row (the columns of ``LedgerRow``, without ``id``)."""
+        self._rows.append(row)
+        if len(self._rows) >= self.batch_rows:
+            self._wake.set()
+
+    def start(self) -> None:
+        """Start the background task (in the running event loop)."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="ledger-writer")
+
+    def _insert(self, rows: list[dict[str, Any]]) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(insert(LedgerRow), rows)
+
+    async def _flush(self) -> bool:
+        """Insert what is queued; False (rows kept, in order) if the database refused."""
+        if not self._rows:
+            return True
+        rows, self._rows = self._rows, []
+        try:
+            await asyncio.to_thread(self._insert, rows)
+        except Exception as exc:
+            self._rows = rows + self._rows
+            logger.warning("ledger insert of %d rows failed (kept, will retry): %r", len(rows), exc)
+            return False
+        self.written += len(rows)
+        return True
+
+    async def _run(self) -> None:
+        backoff = self.flush_interval_s
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=backoff)
+            self._wake.clear()
+            ok = await self._flush()
+            backoff = self.flush_interval_s if ok else min(backoff * 2, 5.0)
+
+    async def close(self, attempts: int = 3) -> None:
+        """Stop the task and flush everything; spill what the database still refuses."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        for attempt in range(attempts):
+            if await self._flush():
+                return
+            await asyncio.sleep(0.2 * (attempt + 1))
+        self._spill()
+
+    def _spill(self) -> None:
+        if not self._rows:
+            return
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spill_dir / f"ledger-spill-{os.getpid()}.jsonl"
+        with path.open("a") as out:
+            for row in self._rows:
+                out.write(json.dumps(row, default=_json_default) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        logger.error(
+            "could not write %d ledger rows to the database; appended them to %s", len(self._rows), path
+        )
+        self._rows = []
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,58 @@
+"""The allowlisted upstream routes, each declaring what the gateway does on it.
+
+vLLM leaves ``/invocations``, ``/pause``, ``/update_weights``, ``/v1/load_lora_adapter``... unauthenticated
+even with ``--api-key`` (shared/reference/qwen3.6-27b.md): only these paths reach it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Route:
+    """One allowlisted upstream route.
+
+    Attributes:
+        path / method: what the client calls (forwarded to the same path upstream).
+        api: ``openai`` or ``anthropic``: the error shape and the stream error framing.
+        max_tokens_fields: request fields that cap the output (checked against the key's ``max_tokens``).
+        n_field: the field asking for several choices (``n``), if the API has one.
+        stream_usage: the route takes ``stream_options.include_usage`` (the gateway turns it on).
+        template_kwargs: the route takes ``chat_template_kwargs`` (thinking defaults go there).
+        generates: the route makes the model generate (admission, token reservation).
+        thinking_text: reasoning arrives as text only (Anthropic thinking blocks): count it with the
+            served tokenizer when the upstream reports no reasoning tokens.
+        lists_models: the answer is the model listing (filtered to what the key may use).
+    """
+
+    path: str
+    method: str
+    api: str = "openai"
+    max_tokens_fields: tuple[str, ...] = ()
+    n_field: str | None = None
+    stream_usage: bool = False
+    template_kwargs: bool = False
+    generates: bool = True
+    thinking_text: bool = False
+    lists_models: bool = False
+
+
+ROUTES = (
+    Route(
+        "/v1/chat/completions",
+        "POST",
+        max_tokens_fields=("max_tokens", "max_completion_tokens"),
+        n_field="n",
+        stream_usage=True,
+        template_kwargs=True,
+    ),
+    Route("/v1/completions", "POST", max_tokens_fields=("max_tokens",), n_field="n", stream_usage=True),
+    Route("/v1/responses", "POST", max_tokens_fields=("max_output_tokens",)),
+    Route("/v1/models", "GET", generates=False, lists_models=True),
+    Route("/v1/messages", "POST", api="anthropic", max_tokens_fields=("max_tokens",), thinking_text=True),
+    Route("/v1/messages/count_tokens", "POST", api="anthropic", generates=False),
+)
+
+# The gateway's own routes (not forwarded).
+USAGE_PATH = "/v1/usage"

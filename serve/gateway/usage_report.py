@@ -1,0 +1,85 @@
+"""Usage per key, model and UTC day, read from the ledger: ``GET /v1/usage`` and ``kit usage``.
+
+Rows reach the ledger in batches (``ledger_flush_interval_s``), so the last fraction of a second may be
+missing from a report.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+
+from serve.gateway.store import LedgerRow
+
+COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens")
+
+
+def usage_rows(
+    engine: Engine, *, key: str | None, days: int, now: datetime | None = None
+) -> list[dict[str, Any]]:
+    """Totals per (day, key, model) for the last ``days`` UTC days, oldest first (blocking).
+
+    Args:
+        engine: the gateway's database.
+        key: only this key name; None for every key.
+        days: how many days back, today included (>= 1).
+
+    Returns:
+        Dicts with ``date`` (YYYY-MM-DD), ``key``, ``model`` and the ``COLUMNS`` (reasoning tokens are part
+        of completion tokens, shown apart because thinking is what they cost).
+    """
+    now = now or datetime.now(UTC)
+    since = datetime(now.year, now.month, now.day, tzinfo=UTC) - timedelta(days=days - 1)
+    day = func.date(LedgerRow.created_at).label("day")
+    query = (
+        select(
+            day,
+            LedgerRow.key_name,
+            LedgerRow.model,
+            func.count().label("requests"),
+            func.sum(LedgerRow.prompt_tokens),
+            func.sum(LedgerRow.completion_tokens),
+            func.sum(LedgerRow.reasoning_tokens),
+            func.sum(LedgerRow.cached_tokens),
+        )
+        .where(LedgerRow.created_at >= since, LedgerRow.key_name.is_not(None))
+        .group_by(day, LedgerRow.key_name, LedgerRow.model)
+        .order_by(day, LedgerRow.key_name, LedgerRow.model)
+    )
+    if key is not None:
+        query = query.where(LedgerRow.key_name == key)
+    with engine.connect() as connection:
+        rows = connection.execute(query).all()
+    return [
+        {
+            "date": str(r[0]),
+            "key": r[1],
+            "model": r[2],
+            **dict(zip(COLUMNS, (int(v or 0) for v in r[3:]), strict=True)),
+        }
+        for r in rows
+    ]
+
+
+def totals(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """The ``COLUMNS`` summed over ``rows``."""
+    return {c: sum(r[c] for r in rows) for c in COLUMNS}
+
+
+def render_table(rows: list[dict[str, Any]]) -> str:
+    """``rows`` as an aligned text table with a total line (what ``make usage`` prints)."""
+    header = ("date", "key", "model", "requests", "prompt", "completion", "reasoning", "cached")
+    lines = [header]
+    for r in rows:
+        lines.append((r["date"], r["key"], str(r["model"]), *(str(r[c]) for c in COLUMNS)))
+    total = totals(rows)
+    lines.append(("total", "", "", *(str(total[c]) for c in COLUMNS)))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for line in lines:
+        cells = [cell.ljust(widths[i]) if i < 3 else cell.rjust(widths[i]) for i, cell in enumerate(line)]
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out)
