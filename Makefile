@@ -31,7 +31,7 @@ ACCELERATE_ARGS ?=
 PYTEST_ARGS ?=
 
 
-.PHONY: help setup lock models demo test test-unit test-integration lint serve gateway up key key-list key-revoke validate download finetune finetune-demo validate-data check-adapter merge bench-finetune clean
+.PHONY: help setup lock models demo test test-unit test-integration lint serve gateway up key key-list key-set key-rotate key-revoke usage validate download finetune finetune-demo validate-data check-adapter merge bench-finetune bench-gateway clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 20
@@ -93,6 +93,9 @@ BENCH_ARGS ?=
 bench-finetune: models  ## LoRA tokens/s and peak memory (BENCH_ARGS="--full-size-qwen3.6 --seq-len 2048" on a GPU)
 	@$(PY) scripts/bench_finetune.py $(BENCH_ARGS)
 
+bench-gateway: setup  ## gateway vs direct: added latency, requests/s, TTFT, CPU (BENCH_ARGS=--quick: ~1 min)
+	@$(PY) scripts/bench_gateway.py $(BENCH_ARGS)
+
 serve: setup  ## run vLLM for PROFILE (DRY_RUN=1 prints the exact command)
 	@$(KIT) serve $(PROFILE) $(if $(DRY_RUN),--dry-run) $(foreach s,$(SET),--set $(s)) $(foreach a,$(ADAPTERS),--adapter $(a))
 
@@ -102,14 +105,44 @@ gateway: setup  ## run the gateway (configs/gateway.yaml, KIT_GATEWAY_* env)
 up: setup  ## vLLM for PROFILE + the gateway, until Ctrl-C (ADAPTERS="name=dir ..." serves LoRAs)
 	@$(KIT) up $(PROFILE) $(foreach s,$(SET),--set $(s)) $(foreach a,$(ADAPTERS),--adapter $(a))
 
-key: setup  ## create a gateway API key: make key NAME=alice
-	@$(KIT) key create $(NAME)
+# Key policy (each optional; unset = no limit): MODELS=a,b* RPM= TPM= MAX_CONCURRENT= BUDGET_DAY= BUDGET_MONTH=
+# MAX_TOKENS= CLAMP=1 MAX_N= THINKING=on|off ADMIN=1 EXPIRES=2027-01-31|30d|12h
+MODELS ?=
+RPM ?=
+TPM ?=
+MAX_CONCURRENT ?=
+BUDGET_DAY ?=
+BUDGET_MONTH ?=
+MAX_TOKENS ?=
+CLAMP ?=
+MAX_N ?=
+THINKING ?=
+ADMIN ?=
+EXPIRES ?=
+GRACE ?= 1h
+DAYS ?= 30
+KEY_POLICY = $(if $(MODELS),--models '$(MODELS)') $(if $(RPM),--rpm $(RPM)) $(if $(TPM),--tpm $(TPM)) \
+	$(if $(MAX_CONCURRENT),--max-concurrent $(MAX_CONCURRENT)) $(if $(BUDGET_DAY),--budget-day $(BUDGET_DAY)) \
+	$(if $(BUDGET_MONTH),--budget-month $(BUDGET_MONTH)) $(if $(MAX_TOKENS),--max-tokens $(MAX_TOKENS)) \
+	$(if $(CLAMP),--clamp) $(if $(MAX_N),--max-n $(MAX_N)) $(if $(THINKING),--thinking $(THINKING)) $(if $(ADMIN),--admin)
 
-key-list: setup  ## list gateway API keys (names and ids, never the keys)
+key: setup  ## create a gateway API key: make key NAME=alice [MODELS=... RPM=... TPM=... BUDGET_DAY=... EXPIRES=30d]
+	@$(KIT) key create $(NAME) $(KEY_POLICY) $(if $(EXPIRES),--expires $(EXPIRES))
+
+key-list: setup  ## list gateway API keys: names, ids, expiry, policy (never the keys)
 	@$(KIT) key list
 
-key-revoke: setup  ## revoke a key: make key-revoke NAME=alice
+key-set: setup  ## change a key's policy: make key-set NAME=alice RPM=60 MODELS='Qwen/*'
+	@$(KIT) key set $(NAME) $(KEY_POLICY)
+
+key-rotate: setup  ## new secret for NAME; the old one works for GRACE (default 1h)
+	@$(KIT) key rotate $(NAME) --grace $(GRACE)
+
+key-revoke: setup  ## revoke a key (every secret of the name): make key-revoke NAME=alice
 	@$(KIT) key revoke $(NAME)
+
+usage: setup  ## usage per day, key and model from the ledger: make usage [NAME=alice] [DAYS=30]
+	@$(KIT) usage $(if $(NAME),--key $(NAME)) --days $(DAYS)
 
 clean:  ## remove the venv, built models and local state
 	rm -rf $(VENV) models state .pytest_cache .ruff_cache

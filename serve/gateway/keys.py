@@ -251,13 +251,11 @@ class KeyStore:
             newest = max(rows, key=lambda r: r.id)
             policy = dataclasses.asdict(_policy_of(newest))
             policy["models"] = list(policy["models"])
+            expiry = newest.expires_at  # the new secret keeps the name's own expiry, if it has one
             until = now + grace
             for row in rows:
                 if row.expires_at is None or _aware(row.expires_at) > until:
                     row.expires_at = until
-            expiry = (
-                newest.expires_at if newest.expires_at is not None and newest.expires_at != until else None
-            )
             session.add(
                 ApiKey(
                     name=name,
@@ -311,10 +309,11 @@ class KeyStore:
             rows = self._active_rows(session, name, now)
             if not rows:
                 raise KeyError_(f"no active key named {name!r} (make key-list shows the keys)")
-            session.execute(update(ApiKey).where(ApiKey.id.in_([r.id for r in rows])).values(**changes))
+            ids = [r.id for r in rows]
+            session.execute(update(ApiKey).where(ApiKey.id.in_(ids)).values(**changes))
         self._loaded_at = float("-inf")
         with Session(self.engine) as session:
-            return _policy_of(session.get_one(ApiKey, rows[0].id))
+            return _policy_of(session.get_one(ApiKey, ids[0]))
 
     def load_active(self) -> dict[str, tuple[str, Principal, float]]:
         """Every usable key: ``key_id -> (hash, principal, expires_at epoch or inf)`` (blocking I/O)."""
