@@ -44,7 +44,7 @@ from serve.config import (
     lora_rank_for,
 )
 from serve.configfile import ConfigError, load_yaml
-from serve.gateway.keys import KeyError_
+from serve.gateway.keys import KeyError_, KeyStore
 from serve.gateway.logconfig import log_config
 from serve.gateway.settings import CONFIG_ENV, GatewaySettings
 from serve.modeldir import not_ready_reason
@@ -208,6 +208,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise ConfigError([reason], title="the model is not ready to serve")
     _check_adapters(resolved)
     settings = _gateway_settings(args.config)
+    if settings.database_url is None and not settings.keys_db.exists():
+        # `kit up` is the kit's own start: it creates the key database where the gateway will look.
+        KeyStore(settings.database).engine.dispose()
+        print(f"created an empty key database {settings.keys_db}; add keys: make key NAME=...", flush=True)
     _install_sigterm()
     log_dir = args.root / "state" / "logs"
     print(f"starting vLLM ({resolved.profile.hardware}); log: {log_dir / 'vllm.log'}", flush=True)
