@@ -33,6 +33,8 @@ CHAT_USAGE = {
 THINKING = "The user greets me. I should greet back."
 THINKING_TOKENS = 17  # what the fake's /tokenize answers for any text
 MESSAGES_USAGE = {"input_tokens": 12, "output_tokens": 30}
+# Seconds a "delay" request pauses (before its answer; a stream: after its first chunk).
+DELAY_S = 0.5
 # Seconds a "slow" request waits for its client to leave before the fake gives up on it.
 SLOW_LIMIT_S = 30.0
 
@@ -96,7 +98,8 @@ def fake_upstream() -> tuple[web.Application, Seen]:
     The request body's ``mode`` (a field only this fake reads) picks a behaviour: ``slow`` answers
     nothing (a stream: one chunk with usage so far) until the client leaves, then records its
     ``x-request-id`` in ``Seen.left``; ``break`` sends two stream chunks with usage so far and drops the
-    connection; ``no_thinking`` answers ``/v1/messages`` without a thinking block.
+    connection; ``delay`` pauses ``DELAY_S`` before the answer (a stream: after its first chunk);
+    ``no_thinking`` answers ``/v1/messages`` without a thinking block.
     """
     seen = Seen()
 
@@ -130,6 +133,8 @@ def fake_upstream() -> tuple[web.Application, Seen]:
         if not body.get("stream"):
             if mode == "slow":
                 await wait_for_client_to_leave(request)
+            elif mode == "delay":
+                await asyncio.sleep(DELAY_S)
             message = {"role": "assistant", "content": "Hello", "reasoning_content": "hm"}
             return web.json_response(
                 {
@@ -159,7 +164,9 @@ def fake_upstream() -> tuple[web.Application, Seen]:
             assert request.transport is not None
             request.transport.abort()  # die mid-stream: the chunked body never completes
             return response
-        for chunk in CHAT_STREAM:
+        for i, chunk in enumerate(CHAT_STREAM):
+            if mode == "delay" and i == 1:
+                await asyncio.sleep(DELAY_S)
             await response.write(chunk)
         await response.write_eof()
         return response
@@ -285,11 +292,19 @@ def add_key(gateway: Any, name: str, **policy: Any) -> str:
 
 
 def post(
-    gateway: Any, key: str | None, path: str, body: dict[str, Any] | bytes, **headers: str
+    gateway: Any,
+    key: str | None,
+    path: str,
+    body: dict[str, Any] | bytes,
+    request_id: str | None = None,
+    **headers: str,
 ) -> httpx.Response:
-    """POST ``body`` (a dict is sent as compact JSON) to the gateway with ``key`` as a bearer token."""
+    """POST ``body`` (a dict is sent as compact JSON) to the gateway with ``key`` as a bearer token and
+    ``request_id`` as ``x-request-id``."""
     if key is not None:
         headers["authorization"] = f"Bearer {key}"
+    if request_id is not None:
+        headers["x-request-id"] = request_id
     raw = body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
     headers.setdefault("content-type", "application/json")
     return httpx.post(gateway.url + path, content=raw, headers=headers, timeout=30)
