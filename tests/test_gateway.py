@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import logging
 import time
+import urllib.parse
 from typing import Any
 
 import httpx
@@ -155,15 +157,30 @@ def test_the_gateway_key_is_not_forwarded_upstream(upstream, gateway_factory):
         ("GET", "/docs"),
         ("GET", "/openapi.json"),
         ("GET", "/v1/models/../../invocations"),
+        ("POST", "/v1/chat/completions/../../invocations"),
+        ("POST", "/v1/models/%2e%2e/%2e%2e/invocations"),
         ("POST", "/inference/v1/generate"),
     ],
 )
 def test_every_path_outside_the_allowlist_is_404_even_with_a_key(upstream, gateway_factory, method, path):
     server, seen = upstream
     gateway, key = gateway_factory(server.url)
-    reply = httpx.request(method, gateway.url + path, headers={"authorization": f"Bearer {key}"}, json={})
-    assert reply.status_code == 404
-    assert reply.json()["error"]["code"] == "not_found"
+    # http.client sends the path as written (httpx would normalise the dot segments away first).
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.settings.port, timeout=30)
+    try:
+        conn.request(
+            method,
+            path,
+            body=b"{}",
+            headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+        )
+        reply = conn.getresponse()
+        status, error = reply.status, json.loads(reply.read())["error"]
+    finally:
+        conn.close()
+    assert status == 404
+    assert error["code"] == "not_found"
+    assert urllib.parse.unquote(path) in error["message"]  # the gateway saw the path unnormalised
     assert seen["paths"] == []
 
 
