@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import anthropic
@@ -585,3 +587,25 @@ def test_the_anthropic_sdk_raises_its_own_exceptions_for_gateway_errors(gateway,
             base_url=gateway.url + "/v1", api_key="sk-kit-00000000_nope", max_retries=0
         ).models.list()
     assert openai_unauthorised.value.code == "invalid_api_key"
+
+
+# --- rotation through the gateway --------------------------------------------------------------------
+
+
+def test_a_rotated_key_answers_with_both_secrets_until_the_grace_ends(upstream, gateway_factory):
+    # A long key cache TTL: the end of the grace is enforced from the worker's copy, not by a reload.
+    server, _ = upstream
+    gateway, old = gateway_factory(server.url, key_cache_ttl_s=3600)
+    new = KeyStore(gateway.settings.keys_db).rotate("tester", timedelta(seconds=3))
+    grace_ends = time.monotonic() + 3
+
+    def status(key: str) -> int:
+        return httpx.get(gateway.url + "/v1/models", headers={"authorization": f"Bearer {key}"}).status_code
+
+    assert status(old) == 200 and status(new) == 200
+    assert time.monotonic() < grace_ends, "too slow to check both secrets inside the grace"
+    deadline = time.monotonic() + 10
+    while status(old) != 401:
+        assert time.monotonic() < deadline, "the old secret still worked 10 s after a 3 s grace"
+        time.sleep(0.1)
+    assert status(new) == 200
