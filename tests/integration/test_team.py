@@ -1,0 +1,147 @@
+"""Issue #8 against real vLLM (CPU, SmolLM2) behind the gateway: a client leaving a non-streamed request
+stops the generation, a stream without ``stream_options`` is still accounted in the ledger, and a key's
+``max_n`` refuses ``"n": 1000`` before vLLM sees it."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sqlite3
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from serve.gateway.keys import KeyPolicy, KeyStore
+from tests.integration.conftest import LiveStack, vllm_gauge
+
+pytestmark = pytest.mark.integration
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def ledger_row(keys_db: Path, request_id: str, timeout_s: float = 15) -> dict[str, Any]:
+    """The ``usage_ledger`` row of ``request_id``, waiting for the gateway's batched writer to insert it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with sqlite3.connect(keys_db, timeout=30) as connection:
+            connection.row_factory = sqlite3.Row
+            rows = connection.execute(
+                "SELECT * FROM usage_ledger WHERE request_id = ?", (request_id,)
+            ).fetchall()
+        if rows:
+            assert len(rows) == 1, f"{len(rows)} ledger rows for {request_id}"
+            return dict(rows[0])
+        assert time.monotonic() < deadline, f"no ledger row for {request_id} after {timeout_s} s"
+        time.sleep(0.2)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, message: str) -> None:
+    """Poll ``condition()`` every 0.2 s until it is true; fail with ``message`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.2)
+
+
+def test_a_client_leaving_a_non_streamed_request_stops_the_generation_in_vllm(smollm2: LiveStack):
+    max_tokens = 1900  # with ignore_eos: far longer to decode on a CPU than this test waits
+    generated_before = vllm_gauge(smollm2, "vllm:generation_tokens_total")
+    request_id = f"leave-{uuid.uuid4().hex}"
+    gateway = urllib.parse.urlsplit(smollm2.gateway)
+    conn = http.client.HTTPConnection(gateway.hostname, gateway.port, timeout=60)
+    body = {
+        "model": smollm2.model,
+        "messages": QUESTION,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body=json.dumps(body),
+        headers={**smollm2.headers(), "content-type": "application/json", "x-request-id": request_id},
+    )
+    # vLLM refreshes its gauges once per engine step: wait until it reports this request running.
+    wait_for(
+        lambda: vllm_gauge(smollm2, "vllm:num_requests_running") == 1,
+        30,
+        "vLLM never reported the request as running",
+    )
+    conn.close()  # the client leaves before the (non-streamed) answer exists
+    wait_for(
+        lambda: vllm_gauge(smollm2, "vllm:num_requests_running") == 0,
+        15,
+        "vLLM kept generating a non-streamed answer for a client that left",
+    )
+    generated = vllm_gauge(smollm2, "vllm:generation_tokens_total") - generated_before
+    assert 0 < generated < max_tokens / 2, f"{generated} of {max_tokens} tokens generated"
+    row = ledger_row(smollm2.keys_db, request_id)
+    assert (row["outcome"], row["status"], row["stream"]) == ("client_disconnect", 499, 0)
+
+
+def test_a_stream_without_stream_options_shows_no_usage_chunk_but_is_in_the_ledger(smollm2: LiveStack):
+    client = openai.OpenAI(base_url=smollm2.gateway + "/v1", api_key=smollm2.key, max_retries=0)
+    asked = dict(model=smollm2.model, messages=QUESTION, temperature=0, extra_body={"ignore_eos": True})
+    prompt_tokens = client.chat.completions.create(**asked, max_tokens=1).usage.prompt_tokens
+    request_id = f"stream-{uuid.uuid4().hex}"
+    chunks = list(
+        client.chat.completions.create(
+            **asked, max_tokens=8, stream=True, extra_headers={"x-request-id": request_id}
+        )
+    )
+    assert chunks, "the stream was empty"
+    # A usage-only chunk has empty choices (some clients crash on it); this client did not ask for one.
+    assert all(chunk.choices and chunk.usage is None for chunk in chunks), chunks
+    assert chunks[-1].choices[0].finish_reason == "length"
+    row = ledger_row(smollm2.keys_db, request_id)
+    assert (row["outcome"], row["status"], row["stream"]) == ("ok", 200, 1)
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt_tokens, 8)
+    assert row["key_name"] == "integration" and row["model"] == smollm2.model
+
+
+def test_a_key_with_max_n_refuses_n_1000_before_vllm(smollm2: LiveStack):
+    # Tried as a new user would: {"n": 1000} went through to vLLM and came back with 1,000 choices.
+    key = KeyStore(smollm2.keys_db).create("team-max-n", KeyPolicy(max_n=4))
+    headers = {"authorization": f"Bearer {key}"}
+    wait_for(
+        lambda: httpx.get(smollm2.gateway + "/v1/models", headers=headers).status_code == 200,
+        15,
+        "the gateway never accepted the new key",
+    )
+    # vLLM's HTTP request counter (every route it serves, /metrics excluded): only what reached it.
+    reached_before = vllm_gauge(smollm2, "http_requests_total")
+    request_id = f"n1000-{uuid.uuid4().hex}"
+    refused = httpx.post(
+        smollm2.gateway + "/v1/chat/completions",
+        json={"model": smollm2.model, "messages": QUESTION, "n": 1000, "max_tokens": 1},
+        headers={**headers, "x-request-id": request_id},
+        timeout=60,
+    )
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert (error["code"], error["param"]) == ("n_exceeded", "n")
+    # Within the cap the same key's request reaches vLLM (and marks where the counter stands).
+    allowed = httpx.post(
+        smollm2.gateway + "/v1/chat/completions",
+        json={"model": smollm2.model, "messages": QUESTION, "n": 2, "max_tokens": 1},
+        headers=headers,
+        timeout=60,
+    )
+    assert allowed.status_code == 200 and len(allowed.json()["choices"]) == 2
+    # vLLM counts a request once its answer is sent, so the count may trail the reply a moment.
+    wait_for(
+        lambda: vllm_gauge(smollm2, "http_requests_total") >= reached_before + 1,
+        15,
+        "vLLM never counted the allowed request",
+    )
+    assert vllm_gauge(smollm2, "http_requests_total") == reached_before + 1, "n=1000 reached vLLM"
+    row = ledger_row(smollm2.keys_db, request_id)
+    assert (row["outcome"], row["status"], row["key_name"]) == ("rejected", 400, "team-max-n")
