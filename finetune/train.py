@@ -1,7 +1,7 @@
 """Train a LoRA adapter that vLLM can serve: validate -> load -> train -> save (atomically).
 
     kit finetune RECIPE --data data/my.jsonl [--output adapters/NAME] [--force]
-    accelerate launch --config_file configs/accelerate/fsdp2.yaml -m serve.cli finetune RECIPE --data ...
+    accelerate launch --config_file configs/accelerate/fsdp2.yaml -m finetune.cli finetune RECIPE --data ...
 
 Everything that can be checked without weights is checked first (``finetune.prepare``): recipe, data
 (all problems at once), template, sequence lengths, LoRA targets, the serve profile's LoRA limits. The

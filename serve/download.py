@@ -486,7 +486,11 @@ def download(
         return _fetch_config_only(plan, target, token, echo)
     manifest_path = target.local_dir / MANIFEST
     previous = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-    same_snapshot = previous is not None and previous.get("revision") == plan.revision
+    same_snapshot = (
+        previous is not None
+        and previous.get("revision") == plan.revision
+        and previous.get("repo_id") == plan.repo_id
+    )
     if same_snapshot and completion_problem(target.local_dir) is None and plan.missing_bytes == 0:
         if reverify:
             count = verify(plan, api, target)

@@ -66,7 +66,7 @@ def test_the_27b_recipe_validates_data_from_config_and_tokenizer_files_alone(tmp
     data = tmp_path / "data.jsonl"
     good = ROOT / "tests" / "fixtures" / "data" / "good.jsonl"
     data.write_text(good.read_text())
-    kit = [sys.executable, "-m", "serve.cli", "--root", str(root)]
+    kit = [sys.executable, "-m", "finetune.cli", "--root", str(root)]
     result = subprocess.run(
         [*kit, "validate-data", "qwen3.6-27b_lora", "--data", str(data)],
         capture_output=True,

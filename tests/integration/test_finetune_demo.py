@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 def test_finetune_demo_teaches_the_adapter_and_not_the_base():
     result = subprocess.run(
-        [sys.executable, "-m", "serve.cli", "--root", str(ROOT), "finetune-demo"],
+        [sys.executable, "-m", "finetune.cli", "--root", str(ROOT), "finetune-demo"],
         capture_output=True,
         text=True,
         timeout=900,
