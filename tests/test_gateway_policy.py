@@ -609,3 +609,43 @@ def test_a_rotated_key_answers_with_both_secrets_until_the_grace_ends(upstream, 
         assert time.monotonic() < deadline, "the old secret still worked 10 s after a 3 s grace"
         time.sleep(0.1)
     assert status(new) == 200
+
+
+# --- what vLLM accepts must not slip past the policy -------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="policy.check_model lets a request without 'model' (or with null) through, and vLLM serves "
+    "such a request with its base model (vllm 0.32 _is_model_supported: 'if not model_name: return True')",
+)
+@pytest.mark.parametrize("model", ["absent", None])
+def test_a_request_without_a_model_cannot_reach_a_model_outside_the_key(gateway, upstream, model):
+    _, seen = upstream
+    key = add_key(gateway, "adapter-only", models=("team-a",))
+    body = chat_body()
+    if model == "absent":
+        del body["model"]
+    else:
+        body["model"] = model
+    reply = post(gateway, key, "/v1/chat/completions", body)
+    assert reply.status_code in (400, 403), reply.text
+    assert seen.requests == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="policy._positive_int skips strings and floats as malformed, but vLLM's pydantic models "
+    "coerce '5000' and 5000.0 to 5000: the caps on max_tokens and n are bypassed",
+)
+@pytest.mark.parametrize(
+    ("field", "value"), [("max_tokens", "5000"), ("max_tokens", 5000.0), ("n", "1000"), ("n", 1000.0)]
+)
+def test_numbers_vllm_would_coerce_cannot_slip_past_the_caps(gateway, upstream, field, value):
+    _, seen = upstream
+    key = add_key(gateway, "capped", max_tokens=100, max_n=4)
+    reply = post(gateway, key, "/v1/chat/completions", chat_body(**{field: value}))
+    assert reply.status_code == 400, reply.text
+    assert seen.requests == []
