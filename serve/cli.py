@@ -164,6 +164,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     tls: dict[str, Any] = {}
     if settings.ssl_certfile is not None:
         tls = {"ssl_certfile": str(settings.ssl_certfile), "ssl_keyfile": str(settings.ssl_keyfile)}
+    # A new start counts limits afresh: the workers seed the in-memory counters from the usage ledger.
+    settings.counters_file.unlink(missing_ok=True)
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Must be set before any worker imports prometheus_client (multiprocess mode).
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="kit-gateway-metrics-")

@@ -34,7 +34,12 @@ def parse_duration(text: str) -> timedelta:
     found = _DURATION.fullmatch(text.strip())
     if not found:
         raise KeyError_(f"duration {text!r}: write a number and a unit, e.g. 90m, 12h, 30d or 2w")
-    return timedelta(**{_UNITS[found.group(2)]: int(found.group(1))})
+    try:
+        duration = timedelta(**{_UNITS[found.group(2)]: int(found.group(1))})
+        datetime.now(UTC) + duration  # must stay a representable time
+    except OverflowError:
+        raise KeyError_(f"duration {text!r} is too long: give at most a few thousand years") from None
+    return duration
 
 
 def parse_expiry(text: str, now: datetime | None = None) -> datetime:

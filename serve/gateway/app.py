@@ -12,6 +12,7 @@ import hmac
 import logging
 import logging.handlers
 import queue
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -25,11 +26,13 @@ from serve.gateway.access import GatewayApp
 from serve.gateway.errors import GatewayError, error_body, unavailable
 from serve.gateway.keys import KeyCache, KeyStore
 from serve.gateway.ledger import LedgerWriter
-from serve.gateway.limits import Limiter
+from serve.gateway.limits import Limiter, LocalLimiter, windows
 from serve.gateway.logconfig import ACCESS_LOGGER
 from serve.gateway.metrics import GatewayMetrics
 from serve.gateway.proxy import Gateway
 from serve.gateway.settings import GatewaySettings
+from serve.gateway.shared_counters import SharedCounters
+from serve.gateway.usage_report import usage_in_windows
 
 
 class MissingDatabase(RuntimeError):
@@ -159,10 +162,20 @@ def create_app(settings: GatewaySettings) -> GatewayApp:
         )
     store = KeyStore(settings.database, settings.key_cache_ttl_s, create=settings.create_keys_db)
     engine = store.engine
+    limiter: Limiter | LocalLimiter
+    if settings.limits_in_memory:
+        counters = SharedCounters(
+            settings.counters_file,
+            seed=lambda: usage_in_windows(engine, time.time()),
+            windows=windows(time.time()),
+        )
+        limiter = LocalLimiter(counters)
+    else:
+        limiter = Limiter(engine, settings.max_request_s)
     gateway = Gateway(
         settings=settings,
         keys=KeyCache(store),
-        limiter=Limiter(engine, settings.max_request_s),
+        limiter=limiter,
         ledger=LedgerWriter(engine, settings.keys_db.parent, settings.ledger_flush_interval_s),
         metrics=GatewayMetrics(),
         engine=engine,
@@ -181,6 +194,8 @@ def create_app(settings: GatewaySettings) -> GatewayApp:
                 await gateway.ledger.close()
                 await gateway.session.close()
                 gateway.session = None
+                if isinstance(gateway.limiter, LocalLimiter):
+                    gateway.limiter.counters.close()
 
     admin = FastAPI(
         title="openweights-kit gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None

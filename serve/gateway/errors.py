@@ -120,14 +120,16 @@ def unavailable(detail: str, retry_after_s: int, code: str = "upstream_unavailab
 
 
 def timed_out(timeout_s: float) -> GatewayError:
-    """504 without ``Retry-After``: the upstream was silent for ``timeout_s`` (retrying would repeat the
-    whole generation)."""
+    """504 without ``Retry-After`` and with ``x-should-retry: false``: the upstream was silent for
+    ``timeout_s`` (retrying would repeat the whole generation). The openai and anthropic SDKs retry
+    every 5xx unless that header says not to (their ``_should_retry``)."""
     return GatewayError(
         504,
-        f"The model server sent nothing for {timeout_s:.0f} s (setting upstream_read_timeout_s); the "
+        f"The model server sent nothing for {timeout_s:g} s (setting upstream_read_timeout_s); the "
         "generation may be longer than that: stream it, lower max_tokens, or raise the timeout.",
         "timeout_error",
         "upstream_timeout",
+        headers={"x-should-retry": "false"},
     )
 
 

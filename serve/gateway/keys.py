@@ -32,7 +32,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from serve.gateway.store import ApiKey, open_engine
+from serve.gateway.store import ApiKey, open_engine, reader
 
 logger = logging.getLogger(__name__)
 
@@ -208,8 +208,11 @@ class KeyStore:
         if not _valid_name(name):
             raise KeyError_(f"invalid key name {name!r}: use 1-64 letters, digits, '-', '_' or '.'")
         now = datetime.now(UTC)
-        if expires_at is not None and _aware(expires_at) <= now:
-            raise KeyError_(f"expiry {expires_at:%Y-%m-%d %H:%M} is in the past")
+        if expires_at is not None:
+            # Stored as UTC: SQLite keeps a datetime's wall clock only, not its offset.
+            expires_at = _aware(expires_at).astimezone(UTC)
+            if expires_at <= now:
+                raise KeyError_(f"expiry {expires_at:%Y-%m-%d %H:%M} UTC is in the past")
         key_id, key = _new_key()
         values = dataclasses.asdict(policy or KeyPolicy())
         values["models"] = list(values["models"])
@@ -271,7 +274,7 @@ class KeyStore:
 
     def list(self) -> list[KeyInfo]:
         """All keys, oldest first, revoked and expired ones included."""
-        with Session(self.engine) as session:
+        with Session(reader(self.engine)) as session:
             rows = session.scalars(select(ApiKey).order_by(ApiKey.id)).all()
             return [
                 KeyInfo(r.name, r.key_id, r.created_at, r.revoked_at, r.expires_at, _policy_of(r))
@@ -312,13 +315,13 @@ class KeyStore:
             ids = [r.id for r in rows]
             session.execute(update(ApiKey).where(ApiKey.id.in_(ids)).values(**changes))
         self._loaded_at = float("-inf")
-        with Session(self.engine) as session:
+        with Session(reader(self.engine)) as session:
             return _policy_of(session.get_one(ApiKey, ids[0]))
 
     def load_active(self) -> dict[str, tuple[str, Principal, float]]:
         """Every usable key: ``key_id -> (hash, principal, expires_at epoch or inf)`` (blocking I/O)."""
         now = datetime.now(UTC)
-        with Session(self.engine) as session:
+        with Session(reader(self.engine)) as session:
             rows = session.scalars(
                 select(ApiKey).where(
                     ApiKey.revoked_at.is_(None), or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > now)
@@ -357,7 +360,9 @@ def match(active: dict[str, tuple[str, Principal, float]], presented: str) -> Pr
 
 class KeyCache:
     """The gateway worker's view of the active keys: ``await authenticate(key)`` never blocks the event
-    loop; the database is read in a thread at most every ``store.ttl_s`` seconds, one read at a time.
+    loop; the database is read in a thread at most every ``store.ttl_s`` seconds, one read at a time, and
+    requests go on with the copy loaded before while it reads (a key change takes effect within the TTL
+    plus one read).
 
     Args:
         store: where the keys live.
@@ -383,11 +388,13 @@ class KeyCache:
         if time.monotonic() - self._loaded_at > self.store.ttl_s:
             if self._refresh is None or self._refresh.done():
                 self._refresh = asyncio.ensure_future(self._reload())
-            try:
-                await asyncio.shield(self._refresh)
-            except Exception as exc:
-                if self._loaded_at == float("-inf"):
-                    raise  # nothing loaded yet: the caller answers 500
-                # A failed read keeps the copy loaded before (retried at the next request).
-                logger.warning("key database read failed; using the keys loaded before: %r", exc)
+                self._refresh.add_done_callback(_log_failure)
+            if self._loaded_at == float("-inf"):
+                await asyncio.shield(self._refresh)  # nothing loaded yet: wait (a failure answers 500)
+            # Else the copy loaded before answers while the thread reads; a failed read keeps it.
         return match(self._active, presented)
+
+
+def _log_failure(refresh: asyncio.Future[None]) -> None:
+    if not refresh.cancelled() and refresh.exception() is not None:
+        logger.warning("key database read failed; keeping the keys loaded before: %r", refresh.exception())

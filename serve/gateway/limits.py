@@ -1,15 +1,20 @@
-"""Per-key limits that hold exactly across workers and hosts: requests and tokens per minute, requests in
-flight, token budgets per day and month.
+"""Per-key limits that hold exactly across workers: requests and tokens per minute, requests in flight,
+token budgets per day and month.
 
-Why not the ``limits`` library: its storages are per-process memory (two uvicorn workers would each admit
-the full limit) or a server we would add (Redis, Memcached, MongoDB, etcd), none on SQL; and it has no
-"reserve now, settle later" for token limits. The gateway already keeps keys and the ledger in one SQL
-database, so each admission is one short transaction on the key's counter row there: SQLite's write lock
-(``BEGIN IMMEDIATE``) or Postgres' ``SELECT ... FOR UPDATE`` makes check-and-count atomic, so N parallel
-requests against a limit of k admit exactly k, budgets survive restarts, and several gateway hosts share
-one Postgres. Keys without limits never touch it. The transaction runs in a thread (never on the event
-loop), and a worker remembers an exhausted request window in memory until it resets, so a client that
-keeps hammering a spent ``rpm`` costs no database work.
+Two stores, one rule (``evaluate``):
+
+- ``LocalLimiter`` (the default for one gateway host): counters in memory shared by the host's workers
+  (``shared_counters``), checked and counted under one lock in a few microseconds on the event loop, no
+  database on the request path. The usage ledger is the durable store behind it: the counters are
+  seeded from the ledger when the gateway starts, so day and month budgets survive restarts.
+- ``Limiter`` (SQL; the default when ``database_url`` points at a shared database, for several gateway
+  hosts): one short transaction on the key's counter row per admission and per settlement, in a thread
+  (SQLite ``BEGIN IMMEDIATE``, Postgres ``SELECT ... FOR UPDATE``), exact across hosts at the cost of a
+  database round trip.
+
+Why not the ``limits`` library: its storages are per-process memory (two uvicorn workers would each
+admit the full limit) or a server we would add (Redis, Memcached, MongoDB, etcd), and it has no "reserve
+now, settle later" for token limits. Keys without limits touch neither store.
 
 Windows are fixed and in UTC: the minute, the day, the calendar month. A request reserves its prompt
 estimate + ``max_tokens`` against ``tpm`` and the budgets when admitted; ``settle`` replaces the
@@ -27,6 +32,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 
 from serve.gateway.keys import KeyPolicy
+from serve.gateway.shared_counters import SharedCounters, Window
 from serve.gateway.store import InFlight, LimitState
 
 
@@ -117,8 +123,127 @@ def _insert_ignore(connection: Connection, name: str) -> None:
             connection.execute(insert(LimitState).values(name=name))
 
 
+_WINDOW_COLUMNS = ("minute", "minute_requests", "minute_tokens", "day", "day_tokens", "month", "month_tokens")
+
+
+def _columns(window: Window) -> dict[str, int]:
+    return dict(zip(_WINDOW_COLUMNS, window, strict=True))
+
+
+def counts_tokens(policy: KeyPolicy) -> bool:
+    """Whether the key has a token limit (``tpm`` or a budget), so requests reserve tokens."""
+    return policy.tpm is not None or policy.budget_day is not None or policy.budget_month is not None
+
+
+def evaluate(
+    stored: Window, policy: KeyPolicy, tokens: int, running: int, now: float
+) -> tuple[Denial | None, Window]:
+    """Check one request against ``policy`` and count it.
+
+    Args:
+        stored: the key's windows as stored (older windows count as empty).
+        policy: the key's limits.
+        tokens: tokens the request reserves (0 when the key has no token limit).
+        running: the key's requests in flight now.
+        now: epoch seconds.
+
+    Returns:
+        ``(denial, stored)`` when a limit refuses it, else ``(None, the windows with it counted)``.
+    """
+    minute, day, month = windows(now)
+    old_minute, req, tok, old_day, day_tok, old_month, month_tok = stored
+    if old_minute != minute:
+        req = tok = 0
+    if old_day != day:
+        day_tok = 0
+    if old_month != month:
+        month_tok = 0
+    next_minute = (minute + 1) * 60.0
+    checks = (
+        ("rpm", policy.rpm, req, 1, next_minute),
+        ("tpm", policy.tpm, tok, tokens, next_minute),
+        ("budget_day", policy.budget_day, day_tok, tokens, (day + 1) * 86400.0),
+        ("budget_month", policy.budget_month, month_tok, tokens, _month_start(month + 1)),
+    )
+    for limit, value, used, needed, resets in checks:
+        if value is not None and used + needed > value:
+            return Denial(limit, value, used, needed, resets), stored
+    if policy.max_concurrent is not None and running >= policy.max_concurrent:
+        return Denial("max_concurrent", policy.max_concurrent, running, 1, now + 1), stored
+    return None, (minute, req + 1, tok + tokens, day, day_tok + tokens, month, month_tok + tokens)
+
+
+def settled(stored: Window, reservation: Reservation, used_tokens: int, now: float) -> Window:
+    """``stored`` with the reservation replaced by ``used_tokens``. A window that rolled over since
+    admission gets the real usage; the old window's reservation stays where it was counted."""
+    current = dict(zip(("minute", "day", "month"), windows(now), strict=True))
+    held = {"minute": reservation.minute, "day": reservation.day, "month": reservation.month}
+    values = list(stored)
+    for window, at, counter in (("minute", 0, 2), ("day", 3, 4), ("month", 5, 6)):
+        if values[at] == current[window] == held[window]:
+            values[counter] = max(0, values[counter] + used_tokens - reservation.tokens)
+        elif values[at] == current[window]:
+            values[counter] += used_tokens
+        else:
+            values[at] = current[window]
+            values[counter] = used_tokens
+            if window == "minute":
+                values[1] = 0
+    return tuple(values)  # type: ignore[return-value]
+
+
+class LocalLimiter:
+    """Admission and settlement against counters shared in memory by this host's workers.
+
+    Args:
+        counters: the attached shared counters.
+    """
+
+    def __init__(self, counters: SharedCounters) -> None:
+        self.counters = counters
+
+    def admit(
+        self, name: str, policy: KeyPolicy, request_id: str, tokens: int, now: float | None = None
+    ) -> Reservation | Denial:
+        """Check and count one request of key ``name`` (microseconds; no I/O). See ``Limiter.admit``."""
+        now = time.time() if now is None else now
+        tokens = tokens if counts_tokens(policy) else 0
+        slot = policy.max_concurrent is not None
+        with self.counters.locked():
+            running = self.counters.in_flight(name) if slot else 0
+            denial, window = evaluate(self.counters.read(name), policy, tokens, running, now)
+            if denial is not None:
+                return denial
+            self.counters.write(name, window)
+            if slot:
+                self.counters.add_in_flight(name, 1)
+        return Reservation(name, request_id, tokens, window[0], window[3], window[5], slot)
+
+    def settle(self, reservation: Reservation, used_tokens: int, now: float | None = None) -> None:
+        """Replace the reservation by ``used_tokens`` and release the in-flight slot."""
+        if not reservation.needs_settle:
+            return
+        now = time.time() if now is None else now
+        with self.counters.locked():
+            if reservation.tokens or used_tokens:
+                stored = self.counters.read(reservation.name)
+                self.counters.write(reservation.name, settled(stored, reservation, used_tokens, now))
+            if reservation.slot:
+                self.counters.add_in_flight(reservation.name, -1)
+
+    async def admit_async(
+        self, name: str, policy: KeyPolicy, request_id: str, tokens: int
+    ) -> Reservation | Denial:
+        """``admit`` (fast enough to run on the event loop)."""
+        return self.admit(name, policy, request_id, tokens)
+
+    async def settle_async(self, reservation: Reservation, used_tokens: int) -> None:
+        """``settle`` (fast enough to run on the event loop)."""
+        self.settle(reservation, used_tokens)
+
+
 class Limiter:
-    """Admission and settlement against the shared counters.
+    """Admission and settlement in the SQL database (exact across gateway hosts that share it).
 
     Args:
         engine: the gateway's database.
@@ -133,39 +258,15 @@ class Limiter:
 
     def _check(
         self, connection: Connection, name: str, policy: KeyPolicy, tokens: int, now: float
-    ) -> tuple[Denial | None, dict[str, int]]:
-        minute, day, month = windows(now)
+    ) -> tuple[Denial | None, Window]:
         row = connection.execute(select(LimitState).where(LimitState.name == name).with_for_update()).one()
-        req = row.minute_requests if row.minute == minute else 0
-        tok = row.minute_tokens if row.minute == minute else 0
-        day_tok = row.day_tokens if row.day == day else 0
-        month_tok = row.month_tokens if row.month == month else 0
-        next_minute = (minute + 1) * 60.0
-        checks = (
-            ("rpm", policy.rpm, req, 1, next_minute),
-            ("tpm", policy.tpm, tok, tokens, next_minute),
-            ("budget_day", policy.budget_day, day_tok, tokens, (day + 1) * 86400.0),
-            ("budget_month", policy.budget_month, month_tok, tokens, _month_start(month + 1)),
-        )
-        for limit, value, used, needed, resets in checks:
-            if value is not None and used + needed > value:
-                return Denial(limit, value, used, needed, resets), {}
+        stored: Window = tuple(getattr(row, c) for c in _WINDOW_COLUMNS)  # type: ignore[assignment]
+        running = 0
         if policy.max_concurrent is not None:
             running = connection.execute(
                 select(func.count()).where(InFlight.name == name, InFlight.expires_at > now)
             ).scalar_one()
-            if running >= policy.max_concurrent:
-                return Denial("max_concurrent", policy.max_concurrent, running, 1, now + 1), {}
-        values = {
-            "minute": minute,
-            "minute_requests": req + 1,
-            "minute_tokens": tok + tokens,
-            "day": day,
-            "day_tokens": day_tok + tokens,
-            "month": month,
-            "month_tokens": month_tok + tokens,
-        }
-        return None, values
+        return evaluate(stored, policy, tokens, running, now)
 
     def admit(
         self, name: str, policy: KeyPolicy, request_id: str, tokens: int, now: float | None = None
@@ -186,18 +287,15 @@ class Limiter:
         spent = self._spent_rpm.get(name)
         if spent is not None and now < spent[0]:
             return spent[1]
-        counts_tokens = (
-            policy.tpm is not None or policy.budget_day is not None or policy.budget_month is not None
-        )
-        tokens = tokens if counts_tokens else 0
+        tokens = tokens if counts_tokens(policy) else 0
         with self.engine.begin() as connection:
             _insert_ignore(connection, name)
-            denial, values = self._check(connection, name, policy, tokens, now)
+            denial, window = self._check(connection, name, policy, tokens, now)
             if denial is not None:
                 if denial.limit == "rpm":  # a request window only fills up: remember it until it resets
                     self._spent_rpm[name] = (denial.resets_at, denial)
                 return denial
-            connection.execute(update(LimitState).where(LimitState.name == name).values(**values))
+            connection.execute(update(LimitState).where(LimitState.name == name).values(**_columns(window)))
             slot = policy.max_concurrent is not None
             if slot:
                 connection.execute(
@@ -205,40 +303,22 @@ class Limiter:
                         request_id=request_id, name=name, expires_at=now + self.in_flight_ttl_s
                     )
                 )
-        return Reservation(name, request_id, tokens, values["minute"], values["day"], values["month"], slot)
+        return Reservation(name, request_id, tokens, window[0], window[3], window[5], slot)
 
     def settle(self, reservation: Reservation, used_tokens: int, now: float | None = None) -> None:
-        """Replace the reservation by ``used_tokens`` and release the in-flight slot (blocking).
-
-        A window that rolled over since admission gets the real usage; the old window's reservation
-        stays where it was counted.
-        """
+        """Replace the reservation by ``used_tokens`` and release the in-flight slot (blocking)."""
         if not reservation.needs_settle:
             return
         now = time.time() if now is None else now
-        minute, day, month = windows(now)
         with self.engine.begin() as connection:
             if reservation.tokens or used_tokens:
                 row = connection.execute(
                     select(LimitState).where(LimitState.name == reservation.name).with_for_update()
                 ).one()
-                values: dict[str, int] = {}
-                for window, current, counter, held in (
-                    ("minute", minute, "minute_tokens", reservation.minute),
-                    ("day", day, "day_tokens", reservation.day),
-                    ("month", month, "month_tokens", reservation.month),
-                ):
-                    if getattr(row, window) == current == held:
-                        values[counter] = max(0, getattr(row, counter) + used_tokens - reservation.tokens)
-                    elif getattr(row, window) == current:
-                        values[counter] = getattr(row, counter) + used_tokens
-                    else:
-                        values[window] = current
-                        values[counter] = used_tokens
-                        if window == "minute":
-                            values["minute_requests"] = 0
+                stored: Window = tuple(getattr(row, c) for c in _WINDOW_COLUMNS)  # type: ignore[assignment]
+                window = settled(stored, reservation, used_tokens, now)
                 connection.execute(
-                    update(LimitState).where(LimitState.name == reservation.name).values(**values)
+                    update(LimitState).where(LimitState.name == reservation.name).values(**_columns(window))
                 )
             if reservation.slot:
                 connection.execute(delete(InFlight).where(InFlight.request_id == reservation.request_id))

@@ -36,7 +36,7 @@ from serve.gateway.errors import (
 )
 from serve.gateway.keys import KeyCache, Principal
 from serve.gateway.ledger import LedgerWriter
-from serve.gateway.limits import Denial, Limiter, Reservation
+from serve.gateway.limits import Denial, Limiter, LocalLimiter, Reservation
 from serve.gateway.metrics import GatewayMetrics
 from serve.gateway.routes import Route
 from serve.gateway.settings import GatewaySettings
@@ -71,7 +71,7 @@ class Gateway:
 
     settings: GatewaySettings
     keys: KeyCache
-    limiter: Limiter
+    limiter: Limiter | LocalLimiter
     ledger: LedgerWriter
     metrics: GatewayMetrics
     engine: Engine

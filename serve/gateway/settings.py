@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AnyHttpUrl, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -73,6 +73,11 @@ class GatewaySettings(BaseSettings):
     max_request_s: float = Field(default=6 * 3600, gt=0)
     """Longest a request may hold an in-flight slot (``max_concurrent``) if its worker dies before it
     releases the slot."""
+    limits_store: Literal["auto", "memory", "database"] = "auto"
+    """Where per-key limits count: ``memory`` shared by this host's workers (microseconds per request; the
+    ledger seeds the budgets at start), or ``database`` (a transaction per request on the shared
+    database: exact across several gateway hosts). ``auto``: ``database`` when ``database_url`` is set,
+    else ``memory``."""
     metrics_key: SecretStr | None = None
     """When set, ``/metrics`` needs ``Authorization: Bearer <metrics_key>`` (env only)."""
     ssl_certfile: Path | None = None
@@ -105,6 +110,16 @@ class GatewaySettings(BaseSettings):
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("set both ssl_certfile and ssl_keyfile for HTTPS, or neither")
         return self
+
+    @property
+    def limits_in_memory(self) -> bool:
+        """Whether limits count in memory shared by this host's workers (see ``limits_store``)."""
+        return self.limits_store == "memory" or (self.limits_store == "auto" and self.database_url is None)
+
+    @property
+    def counters_file(self) -> Path:
+        """The memory-mapped file of the in-memory limit counters (one per gateway port)."""
+        return self.keys_db.parent / "run" / f"gateway-limits-{self.port}.counters"
 
     @property
     def database(self) -> str:

@@ -123,6 +123,15 @@ class LedgerRow(Base):
     policy_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
+_READ_ONLY = "kit_read_only"
+
+
+def reader(engine: Engine) -> Engine:
+    """``engine`` for read-only transactions: on SQLite they begin deferred and never wait for a writer
+    (WAL); elsewhere the same engine."""
+    return engine.execution_options(**{_READ_ONLY: True})
+
+
 def database_url(keys_db: Path, url: str | None) -> str:
     """The SQLAlchemy URL: ``url`` when given (e.g. ``postgresql+psycopg://user@host/db``), else the
     SQLite file ``keys_db``."""
@@ -165,7 +174,10 @@ def open_engine(url: str, *, create: bool = True) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(connection: Any) -> None:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            # Writers take the write lock up front (no deadlock on a lock upgrade); readers (``reader``)
+            # begin deferred and, in WAL mode, never wait for a writer.
+            read_only = connection.get_execution_options().get(_READ_ONLY, False)
+            connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
     else:
         engine = create_engine(url, pool_pre_ping=True)
     Base.metadata.create_all(engine)

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from serve.gateway.store import LedgerRow
+from serve.gateway.store import LedgerRow, reader
 
 COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens")
 
@@ -51,7 +51,7 @@ def usage_rows(
     )
     if key is not None:
         query = query.where(LedgerRow.key_name == key)
-    with engine.connect() as connection:
+    with reader(engine).connect() as connection:
         rows = connection.execute(query).all()
     return [
         {
@@ -83,3 +83,39 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         cells = [cell.ljust(widths[i]) if i < 3 else cell.rjust(widths[i]) for i, cell in enumerate(line)]
         out.append("  ".join(cells).rstrip())
     return "\n".join(out)
+
+
+def usage_in_windows(engine: Engine, now: float) -> dict[str, tuple[int, int, int, int]]:
+    """Per key name, what the ledger counts in the current windows: ``(day tokens, month tokens, minute
+    tokens, minute requests)`` (UTC; tokens = prompt + completion). Seeds the in-memory limit counters
+    when the gateway starts, so budgets survive a restart (blocking)."""
+    at = datetime.fromtimestamp(now, UTC)
+    starts = {
+        "month": datetime(at.year, at.month, 1, tzinfo=UTC),
+        "day": datetime(at.year, at.month, at.day, tzinfo=UTC),
+        "minute": at.replace(second=0, microsecond=0),
+    }
+    tokens = func.sum(LedgerRow.prompt_tokens + LedgerRow.completion_tokens)
+    found: dict[str, dict[str, tuple[int, int]]] = {}
+    with reader(engine).connect() as connection:
+        for window, start in starts.items():
+            query = (
+                select(LedgerRow.key_name, tokens, func.count())
+                .where(
+                    LedgerRow.created_at >= start,
+                    LedgerRow.key_name.is_not(None),
+                    LedgerRow.outcome != "rejected",  # refused requests counted nothing
+                )
+                .group_by(LedgerRow.key_name)
+            )
+            for name, total, requests in connection.execute(query):
+                found.setdefault(name, {})[window] = (int(total or 0), int(requests))
+    return {
+        name: (
+            w.get("day", (0, 0))[0],
+            w.get("month", (0, 0))[0],
+            w.get("minute", (0, 0))[0],
+            w.get("minute", (0, 0))[1],
+        )
+        for name, w in found.items()
+    }

@@ -1,0 +1,219 @@
+"""Per-key limit counters in memory shared by the gateway's workers on one host.
+
+One memory-mapped file holds, per key name, the current fixed windows (minute, UTC day, calendar month)
+with the requests and tokens counted in them, and, per worker, the requests in flight. Every check and
+count happens under one ``flock`` on that file: a critical section of a few microseconds with no I/O in
+it, on the event loop's thread, so N parallel requests against a limit of k admit exactly k whichever
+worker each lands on.
+
+A worker registers its pid in a slot of the worker table; a worker that died (uvicorn restarts it) leaves
+a slot whose pid is gone, and the next worker to register clears that slot's in-flight counts. The
+token counters are seeded from the usage ledger when the file is created (each ``kit gateway`` start
+creates it anew), so day and month budgets survive restarts.
+
+Layout (little-endian int64 unless noted): header (magic, version, key slots, worker slots), worker table
+(pid per worker), key table (per key: name hash, minute, minute requests, minute tokens, day, day tokens,
+month, month tokens), in-flight table (int32 per worker per key).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import mmap
+import os
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+MAGIC = 0x4B49544C494D4954  # "KITLIMIT"
+VERSION = 1
+_HEADER = struct.Struct("<4q")
+_KEY = struct.Struct("<8q")
+_PID = struct.Struct("<q")
+_INFLIGHT = struct.Struct("<i")
+
+Window = tuple[int, int, int, int, int, int, int]
+"""``(minute, minute requests, minute tokens, day, day tokens, month, month tokens)`` of one key."""
+
+
+class CountersFull(RuntimeError):
+    """More key names are counted than the file has slots for."""
+
+
+def name_hash(name: str) -> int:
+    """A non-zero 63-bit hash of a key name (zero marks an empty slot)."""
+    value = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") >> 1
+    return value or 1
+
+
+class SharedCounters:
+    """The shared file, attached by one worker.
+
+    Args:
+        path: the file (created with its parent folder, mode 0600, when missing).
+        seed: called once when the file is created, returns ``{key name: (day tokens, month tokens,
+            minute tokens, minute requests)}`` for the current windows (from the ledger).
+        windows: the current ``(minute, day, month)`` numbers, for seeding.
+        key_slots / worker_slots: capacity.
+
+    Raises:
+        CountersFull: no free worker slot (more than ``worker_slots`` live workers).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        seed: Callable[[], dict[str, tuple[int, int, int, int]]] | None = None,
+        windows: tuple[int, int, int] | None = None,
+        key_slots: int = 4096,
+        worker_slots: int = 32,
+    ) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = path
+        self.key_slots = key_slots
+        self.worker_slots = worker_slots
+        self._workers_at = _HEADER.size
+        self._keys_at = self._workers_at + worker_slots * _PID.size
+        self._inflight_at = self._keys_at + key_slots * _KEY.size
+        size = self._inflight_at + worker_slots * key_slots * _INFLIGHT.size
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._slot_of: dict[str, int] = {}
+        with self._locked_fd():
+            fresh = os.fstat(self._fd).st_size < size
+            if fresh:
+                os.ftruncate(self._fd, 0)
+                os.ftruncate(self._fd, size)
+            self._map = mmap.mmap(self._fd, size)
+            if fresh or _HEADER.unpack_from(self._map, 0) != (MAGIC, VERSION, key_slots, worker_slots):
+                self._map[:] = bytes(size)
+                _HEADER.pack_into(self._map, 0, MAGIC, VERSION, key_slots, worker_slots)
+                if seed is not None and windows is not None:
+                    minute, day, month = windows
+                    for name, (day_tok, month_tok, minute_tok, minute_req) in seed().items():
+                        slot = self._find(name, create=True)
+                        _KEY.pack_into(
+                            self._map,
+                            self._key_offset(slot),
+                            name_hash(name),
+                            minute,
+                            minute_req,
+                            minute_tok,
+                            day,
+                            day_tok,
+                            month,
+                            month_tok,
+                        )
+            self.worker = self._register()
+
+    # -- layout -------------------------------------------------------------------------------------------
+    def _key_offset(self, slot: int) -> int:
+        return self._keys_at + slot * _KEY.size
+
+    def _inflight_offset(self, worker: int, slot: int) -> int:
+        return self._inflight_at + (worker * self.key_slots + slot) * _INFLIGHT.size
+
+    @contextmanager
+    def _locked_fd(self) -> Iterator[None]:
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _clear_worker(self, worker: int) -> None:
+        start = self._inflight_offset(worker, 0)
+        length = self.key_slots * _INFLIGHT.size
+        self._map[start : start + length] = bytes(length)
+
+    def _register(self) -> int:
+        """Take a worker slot: a free one, or one whose pid is dead (its in-flight counts cleared)."""
+        pid = os.getpid()
+        for worker in range(self.worker_slots):
+            (owner,) = _PID.unpack_from(self._map, self._workers_at + worker * _PID.size)
+            if owner == pid:
+                return worker
+        for worker in range(self.worker_slots):
+            (owner,) = _PID.unpack_from(self._map, self._workers_at + worker * _PID.size)
+            if owner == 0 or not _alive(owner):
+                start = self._inflight_offset(worker, 0)
+                self._map[start : start + self.key_slots * _INFLIGHT.size] = bytes(
+                    self.key_slots * _INFLIGHT.size
+                )
+                _PID.pack_into(self._map, self._workers_at + worker * _PID.size, pid)
+                return worker
+        raise CountersFull(f"{self.path}: all {self.worker_slots} worker slots are held by live processes")
+
+    def _find(self, name: str, create: bool) -> int:
+        """The key table slot of ``name`` (open addressing); -1 when absent and not ``create``."""
+        cached = self._slot_of.get(name)
+        if cached is not None:
+            return cached
+        wanted = name_hash(name)
+        start = wanted % self.key_slots
+        for probe in range(self.key_slots):
+            slot = (start + probe) % self.key_slots
+            (found,) = struct.unpack_from("<q", self._map, self._key_offset(slot))
+            if found == wanted:
+                self._slot_of[name] = slot
+                return slot
+            if found == 0:
+                if not create:
+                    return -1
+                struct.pack_into("<q", self._map, self._key_offset(slot), wanted)
+                self._slot_of[name] = slot
+                return slot
+        raise CountersFull(f"{self.path}: all {self.key_slots} key slots are in use")
+
+    # -- the operations used by the limiter -----------------------------------------------------------------
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the lock across a read-check-write (keep the body free of I/O and awaits)."""
+        with self._locked_fd():
+            yield
+
+    def read(self, name: str) -> Window:
+        """The key's windows as stored (call under ``locked``)."""
+        slot = self._find(name, create=True)
+        return _KEY.unpack_from(self._map, self._key_offset(slot))[1:]  # type: ignore[return-value]
+
+    def write(self, name: str, window: Window) -> None:
+        """Store the key's windows (call under ``locked``)."""
+        slot = self._find(name, create=True)
+        _KEY.pack_into(self._map, self._key_offset(slot), name_hash(name), *window)
+
+    def in_flight(self, name: str) -> int:
+        """Requests of ``name`` in flight on every worker (call under ``locked``)."""
+        slot = self._find(name, create=True)
+        return sum(
+            _INFLIGHT.unpack_from(self._map, self._inflight_offset(worker, slot))[0]
+            for worker in range(self.worker_slots)
+        )
+
+    def add_in_flight(self, name: str, delta: int) -> None:
+        """Change this worker's in-flight count of ``name`` (call under ``locked``)."""
+        offset = self._inflight_offset(self.worker, self._find(name, create=True))
+        (count,) = _INFLIGHT.unpack_from(self._map, offset)
+        _INFLIGHT.pack_into(self._map, offset, max(0, count + delta))
+
+    def close(self) -> None:
+        """Give the worker slot back and unmap."""
+        with self._locked_fd():
+            start = self._inflight_offset(self.worker, 0)
+            self._map[start : start + self.key_slots * _INFLIGHT.size] = bytes(
+                self.key_slots * _INFLIGHT.size
+            )
+            _PID.pack_into(self._map, self._workers_at + self.worker * _PID.size, 0)
+        self._map.close()
+        os.close(self._fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
