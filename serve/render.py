@@ -39,11 +39,13 @@ def vllm_flags(resolved: ResolvedProfile) -> list[str]:
     """The ``vllm serve`` arguments after the model path, in the schema's field order.
 
     Booleans become ``--flag`` (True) / ``--no-flag`` (False, only where vLLM's default may differ);
-    mappings become compact JSON; None is left to vLLM's default.
+    mappings become compact JSON; None is left to vLLM's default. A profile on a Unix socket renders
+    ``--uds PATH`` and no ``--host``/``--port``.
     """
     args = resolved.profile.vllm
     model = resolved.model
-    values = args.model_dump(exclude=_SKIP)
+    # With --uds vLLM ignores --host/--port (vllm/entrypoints/launchers/launcher.py): leave them out.
+    values = args.model_dump(exclude=_SKIP | ({"host", "port"} if args.uds is not None else set()))
     values["reasoning_parser"] = args.reasoning_parser or model.reasoning_parser
     values["tool_call_parser"] = args.tool_call_parser or model.tool_call_parser
     if args.enable_auto_tool_choice is None and values["tool_call_parser"]:

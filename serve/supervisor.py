@@ -4,6 +4,10 @@ Each child runs in its own process group, so stopping it also stops what it spaw
 SIGTERM to the group, then SIGKILL after a grace period. Readiness of vLLM means one real request was
 answered, not just ``/health``: an engine that cannot run the model passes ``/health`` and dies at the
 first request (shared/reference/vllm-cpu.md).
+
+vLLM answers every route without a key (``/invocations``, ``/v1/load_lora_adapter``...), so by default it
+listens on a Unix socket in a folder only the service's user can open; the readiness checks and the
+gateway connect to that socket. Loopback TCP stays available as a profile option (``vllm.uds: null``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import random
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -25,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from serve.config import ResolvedProfile
+from serve.config import ResolvedProfile, VllmArgs
 from serve.render import render
 
 logger = logging.getLogger(__name__)
@@ -116,8 +121,76 @@ class Child:
             os.killpg(self.process.pid, signal.SIGKILL)
 
 
-def wait_vllm_ready(child: Child, base_url: str, model: str, timeout_s: float) -> float:
+def vllm_address(args: VllmArgs) -> tuple[str, Path | None]:
+    """Where vLLM for ``args`` answers: the base URL and, on a Unix socket, the socket's path.
+
+    Returns:
+        ``(url, uds)``. On a socket the URL only names the Host header and builds request URLs
+        (``http://localhost``); the connection goes to ``uds``. On TCP ``uds`` is None.
+    """
+    if args.uds is not None:
+        return "http://localhost", args.uds
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    return f"http://{host}:{args.port}", None
+
+
+def http_client(uds: Path | None = None, timeout: float = 30) -> httpx.Client:
+    """An httpx client that reaches vLLM over ``uds`` when given, else over TCP."""
+    transport = httpx.HTTPTransport(uds=str(uds)) if uds is not None else None
+    return httpx.Client(transport=transport, timeout=timeout)
+
+
+def prepare_uds(path: Path) -> None:
+    """Make the socket's folder private and clear a socket file left by a server that died.
+
+    The folder is created with mode 0700; an existing one must belong to this user and have no group or
+    other permissions, because whoever can open the folder can call vLLM's unguarded routes.
+
+    Args:
+        path: the socket vLLM will bind (``vllm.uds``).
+
+    Raises:
+        StartupError: the folder is another user's or open to others, the path is not a socket, or a
+            server already answers on it.
+    """
+    folder = path.parent
+    if not folder.exists():
+        folder.mkdir(parents=True, mode=0o700)
+        folder.chmod(0o700)  # mkdir's mode passes through the umask
+    info = folder.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise StartupError(
+            f"{folder} (the folder of vLLM's socket) must be yours with mode 0700, so that only you reach "
+            f"vLLM; it is mode {stat.S_IMODE(info.st_mode):o}, owner uid {info.st_uid}. Run "
+            f"`chmod 700 {folder}` or put vllm.uds in a folder of its own (--set vllm.uds=...)"
+        )
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not stat.S_ISSOCK(path.lstat().st_mode):
+        raise StartupError(f"{path} exists and is not a socket; remove it or choose another vllm.uds")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)  # nobody listens: left by a server that was killed
+            return
+    raise StartupError(
+        f"a server already listens on {path} (another `make up` from this folder?); stop it, or serve "
+        "this one on another socket with --set vllm.uds=..."
+    )
+
+
+def wait_vllm_ready(
+    child: Child, base_url: str, model: str, timeout_s: float, uds: Path | None = None
+) -> float:
     """Wait until vLLM answers ``/health`` and then one real one-token completion.
+
+    Args:
+        child: the vLLM process (its death ends the wait).
+        base_url: vLLM's base URL (on a socket, only the Host header).
+        model: the served model id for the test completion.
+        timeout_s: how long to wait.
+        uds: vLLM's Unix socket, when it listens on one.
 
     Returns:
         Seconds waited.
@@ -127,7 +200,7 @@ def wait_vllm_ready(child: Child, base_url: str, model: str, timeout_s: float) -
     """
     start = time.monotonic()
     healthy = False
-    with httpx.Client(timeout=30) as client:
+    with http_client(uds, timeout=30) as client:
         while time.monotonic() - start < timeout_s:
             child.check_alive()
             try:
@@ -187,7 +260,13 @@ def scratch_env(scratch: Path) -> dict[str, str]:
 
 
 def start_vllm(resolved: ResolvedProfile, log_path: Path, extra_env: dict[str, str] | None = None) -> Child:
-    """Start vLLM for ``resolved`` (its ``vllm.port`` must already be final)."""
+    """Start vLLM for ``resolved`` (its ``vllm.uds`` or ``vllm.port`` must already be final).
+
+    Raises:
+        StartupError: the socket's folder is not private, or a server already answers on the socket.
+    """
+    if resolved.profile.vllm.uds is not None:
+        prepare_uds(resolved.profile.vllm.uds)
     command = render(resolved)
     env = {**os.environ, **command.env, **(extra_env or {})}
     # Run the venv's own `vllm` script whichever way the kit was started.
@@ -204,8 +283,10 @@ def gateway_env(
     workers: int = 1,
     host: str = "127.0.0.1",
     chat_template_kwargs: dict[str, dict[str, Any]] | None = None,
+    upstream_uds: Path | None = None,
 ) -> dict[str, str]:
-    """``KIT_GATEWAY_*`` variables for a gateway in front of ``upstream_url``."""
+    """``KIT_GATEWAY_*`` variables for a gateway in front of ``upstream_url`` (reached over the Unix
+    socket ``upstream_uds`` when given)."""
     env = {
         "KIT_GATEWAY_UPSTREAM_URL": upstream_url,
         "KIT_GATEWAY_PORT": str(port),
@@ -216,6 +297,8 @@ def gateway_env(
     }
     if chat_template_kwargs:
         env["KIT_GATEWAY_DEFAULT_CHAT_TEMPLATE_KWARGS"] = json.dumps(chat_template_kwargs)
+    if upstream_uds is not None:
+        env["KIT_GATEWAY_UPSTREAM_UDS"] = str(upstream_uds)
     return env
 
 
@@ -251,11 +334,18 @@ class Stack:
     vllm: Child
     gateway: Child
     vllm_url: str
+    """vLLM's base URL; on a Unix socket only the Host header (``http://localhost``)."""
     gateway_url: str
     served_model_name: str
+    vllm_uds: Path | None = None
+    """vLLM's Unix socket, or None when it serves on loopback TCP."""
 
     def children(self) -> list[Child]:
         return [self.gateway, self.vllm]
+
+    def vllm_client(self, timeout: float = 30) -> httpx.Client:
+        """An httpx client for calling vLLM directly (over its socket when it has one)."""
+        return http_client(self.vllm_uds, timeout)
 
 
 @contextlib.contextmanager
@@ -272,7 +362,8 @@ def run_stack(
     """Start vLLM, wait for a real answer, start the gateway, wait for ``/readyz``; stop both on exit.
 
     Args:
-        resolved: the profile to serve (its ``vllm.port`` is where vLLM listens).
+        resolved: the profile to serve (its ``vllm.uds``, or ``vllm.port`` on TCP, is where vLLM
+            listens; the gateway reaches it there).
         keys_db: the gateway's key database.
         log_dir: receives ``vllm.log`` and ``gateway.log``.
         gateway_port: where the gateway listens; None picks a free port once vLLM is up (vLLM opens
@@ -285,12 +376,12 @@ def run_stack(
     Raises:
         StartupError: a process died or was not ready in time (both are stopped first).
     """
-    vllm_url = f"http://127.0.0.1:{resolved.profile.vllm.port}"
+    vllm_url, uds = vllm_address(resolved.profile.vllm)
     name = resolved.model.served_model_name
     vllm = start_vllm(resolved, log_dir / "vllm.log", scratch_env(scratch) if scratch else None)
     gateway: Child | None = None
     try:
-        waited = wait_vllm_ready(vllm, vllm_url, name, resolved.profile.startup_timeout_s)
+        waited = wait_vllm_ready(vllm, vllm_url, name, resolved.profile.startup_timeout_s, uds)
         logger.info("vLLM answered its first request after %.1f s", waited)
         for attempt in range(1 if gateway_port is not None else 3):
             port = gateway_port if gateway_port is not None else free_port(below_ephemeral=True)
@@ -303,6 +394,7 @@ def run_stack(
                 gateway_workers,
                 gateway_host,
                 adapter_chat_template_kwargs(resolved.profile.vllm.lora_modules),
+                uds,
             )
             gateway = start_gateway(env, log_dir / "gateway.log")
             try:
@@ -313,8 +405,10 @@ def run_stack(
                     raise
                 logger.warning("port %d was taken before the gateway bound it; trying another", port)
         assert gateway is not None
-        yield Stack(vllm, gateway, vllm_url, gateway_url, name)
+        yield Stack(vllm, gateway, vllm_url, gateway_url, name, uds)
     finally:
         if gateway is not None:
             gateway.stop()
         vllm.stop()
+        if uds is not None and uds.is_socket():
+            uds.unlink(missing_ok=True)  # vLLM leaves its socket file behind

@@ -1,8 +1,12 @@
-"""Every shipped config loads into its schema; rendering gives the flags vLLM itself accepts."""
+"""Every shipped config loads into its schema; rendering gives the flags vLLM itself accepts; where vLLM
+listens (a private Unix socket by default, loopback TCP on request)."""
 
 from __future__ import annotations
 
+import os
 import shlex
+import socket
+import stat
 from pathlib import Path
 
 import pytest
@@ -11,8 +15,10 @@ from serve.cli import main as kit
 from serve.config import available, load_model_config, load_profile
 from serve.configfile import ConfigError
 from serve.render import render
+from serve.supervisor import StartupError, gateway_env, prepare_uds, vllm_address
 
 ROOT = Path(__file__).resolve().parent.parent
+SOCKET = ROOT / "state" / "run" / "vllm.sock"
 PROFILES = available(ROOT / "configs", "serve")
 MODELS = available(ROOT / "configs", "models")
 
@@ -29,11 +35,15 @@ def test_every_model_config_loads(name):
 
 
 @pytest.mark.parametrize("name", PROFILES)
-def test_every_profile_loads_binds_loopback_and_sets_max_num_seqs(name):
+def test_every_profile_loads_listens_on_the_kit_s_socket_and_sets_max_num_seqs(name):
     resolved = load_profile(ROOT, name)
     argv = render(resolved).argv
-    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert argv[argv.index("--uds") + 1] == str(SOCKET)
+    assert "--host" not in argv and "--port" not in argv  # vLLM ignores them with --uds
     assert int(argv[argv.index("--max-num-seqs") + 1]) >= 1
+    # The TCP option still binds loopback only.
+    argv = render(load_profile(ROOT, name, {"vllm.uds": None})).argv
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and "--uds" not in argv
 
 
 def test_h200_renders_the_qwen36_command():
@@ -48,7 +58,7 @@ def test_h200_renders_the_qwen36_command():
         "--enable-auto-tool-choice",
         "--tool-call-parser qwen3_coder",
         """--speculative-config '{"method":"mtp","num_speculative_tokens":1}'""",
-        "--host 127.0.0.1",
+        f"--uds {SOCKET}",
         "HF_HUB_OFFLINE=1",
         "VLLM_NO_USAGE_STATS=1",
     ):
@@ -69,17 +79,87 @@ def test_vllm_s_own_parser_accepts_every_rendered_profile():
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = make_arg_parser(FlexibleArgumentParser())
+    lora = {"vllm.enable_lora": True, "vllm.max_lora_rank": 8, "vllm.lora_modules": {"a": "/tmp/a"}}
     for name in PROFILES:
-        argv = render(
-            load_profile(
-                ROOT,
-                name,
-                {"vllm.enable_lora": True, "vllm.max_lora_rank": 8, "vllm.lora_modules": {"a": "/tmp/a"}},
-            )
-        ).argv
+        argv = render(load_profile(ROOT, name, lora)).argv
         args = parser.parse_args(argv[argv.index("serve") + 1 :])
-        assert args.max_num_seqs >= 1 and args.host == "127.0.0.1", name
+        assert args.max_num_seqs >= 1 and args.uds == str(SOCKET) and args.host is None, name
         assert args.lora_modules and args.enable_lora, name
+        argv = render(load_profile(ROOT, name, {**lora, "vllm.port": 8001})).argv
+        args = parser.parse_args(argv[argv.index("serve") + 1 :])
+        assert (args.uds, args.host, args.port) == (None, "127.0.0.1", 8001), name
+
+
+def test_tcp_is_an_explicit_option_and_port_overrides_keep_meaning_tcp():
+    vllm = load_profile(ROOT, "cpu-demo", {"vllm.uds": None}).profile.vllm
+    assert (vllm.uds, vllm.host, vllm.port) == (None, "127.0.0.1", 8000)
+    assert vllm_address(vllm) == ("http://127.0.0.1:8000", None)
+    assert load_profile(ROOT, "cpu-demo", {"vllm.port": 8001}).profile.vllm.uds is None
+    assert load_profile(ROOT, "cpu-demo", {"vllm.host": "::1"}).profile.vllm.uds is None
+    assert vllm_address(load_profile(ROOT, "cpu-demo", {"vllm.host": "::1"}).profile.vllm)[0] == (
+        "http://[::1]:8000"
+    )
+    with pytest.raises(ConfigError, match="vLLM ignores --host/--port with --uds"):
+        load_profile(ROOT, "cpu-demo", {"vllm.uds": "/tmp/x.sock", "vllm.port": 8001})
+    with pytest.raises(ConfigError, match="set by the profile's own fields"):
+        load_profile(ROOT, "cpu-demo", {"vllm.extra_args": ["--uds=/tmp/y.sock"]})
+
+
+def test_the_socket_path_resolves_against_the_kit_root_and_a_long_one_is_refused(tmp_path):
+    vllm = load_profile(ROOT, "cpu-demo", {"vllm.uds": "state/run/other.sock"}).profile.vllm
+    assert vllm.uds == ROOT / "state" / "run" / "other.sock" and vllm.uds.is_absolute()
+    assert vllm_address(vllm) == ("http://localhost", vllm.uds)
+    long_path = f"/tmp/{'x' * 100}/vllm.sock"  # 115 bytes; sun_path holds 107 and a NUL
+    with pytest.raises(ConfigError) as caught:
+        load_profile(ROOT, "cpu-demo", {"vllm.uds": long_path})
+    assert long_path in str(caught.value) and "115 bytes" in str(caught.value)
+    assert "shorter path" in caught.value.hint
+    # The default socket under a deeply nested kit is refused the same way, before anything starts.
+    deep = tmp_path / ("d" * 100)
+    root = _write_profile(deep, (ROOT / "configs/serve/cpu-demo.yaml").read_text())
+    with pytest.raises(ConfigError, match="Unix sockets allow 107"):
+        load_profile(root, "bad")
+
+
+def test_the_socket_folder_is_made_private_and_others_are_refused(tmp_path):
+    old_umask = os.umask(0)  # the folder must come out 0700 whatever the umask
+    try:
+        prepare_uds(tmp_path / "run" / "vllm.sock")
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE((tmp_path / "run").stat().st_mode) == 0o700
+    open_folder = tmp_path / "open"
+    open_folder.mkdir(mode=0o755)
+    open_folder.chmod(0o755)
+    with pytest.raises(StartupError, match=f"chmod 700 {open_folder}"):
+        prepare_uds(open_folder / "vllm.sock")
+
+
+def test_a_stale_socket_is_cleared_and_a_live_one_is_refused(tmp_path):
+    path = tmp_path / "run" / "vllm.sock"
+    prepare_uds(path)
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen()
+        with pytest.raises(StartupError, match="already listens"):
+            prepare_uds(path)
+    assert path.is_socket()  # closed without unlinking, as a killed vLLM leaves it
+    prepare_uds(path)
+    assert not path.exists()
+    path.write_text("not a socket")
+    with pytest.raises(StartupError, match="not a socket"):
+        prepare_uds(path)
+
+
+def test_the_gateway_gets_the_socket(monkeypatch, tmp_path):
+    from serve.gateway.settings import GatewaySettings
+
+    env = gateway_env("http://localhost", 9, tmp_path / "k.sqlite", ["m"], upstream_uds=tmp_path / "v.sock")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("KIT_GATEWAY_CONFIG", str(ROOT / "configs" / "gateway.yaml"))
+    assert GatewaySettings().upstream_uds == tmp_path / "v.sock"
+    assert "KIT_GATEWAY_UPSTREAM_UDS" not in gateway_env("http://127.0.0.1:1", 9, tmp_path / "k", ["m"])
 
 
 def _write_profile(tmp_path: Path, body: str) -> Path:
@@ -145,7 +225,8 @@ def test_cli_dry_run_prints_the_command_and_errors_exit_non_zero(capsys):
     assert kit(["--root", str(ROOT), "serve", "nope", "--dry-run"]) == 2
     assert "available profiles" in capsys.readouterr().err
     assert kit(["--root", str(ROOT), "serve", "h200", "--set", "vllm.port=8001", "--dry-run"]) == 0
-    assert "--port 8001" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--port 8001" in out and "--uds" not in out
 
 
 def test_serving_a_missing_model_says_how_to_get_it(tmp_path, capsys):
