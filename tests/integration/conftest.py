@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 from serve.config import load_profile
 from serve.gateway.keys import KeyStore
 from serve.modeldir import not_ready_reason
-from serve.supervisor import Stack, free_port, run_stack
+from serve.supervisor import Stack, run_stack
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,7 +33,12 @@ class LiveStack:
 
     @property
     def vllm(self) -> str:
+        """vLLM's base URL (``http://localhost`` on its socket: use ``vllm_client()`` to reach it)."""
         return self.stack.vllm_url
+
+    def vllm_client(self, timeout: float = 30) -> httpx.Client:
+        """A client that reaches vLLM directly, bypassing the gateway (over its Unix socket)."""
+        return self.stack.vllm_client(timeout)
 
     @property
     def model(self) -> str:
@@ -41,16 +48,69 @@ class LiveStack:
         return {"authorization": f"Bearer {self.key}"}
 
 
-def vllm_gauge(vllm_url: str, name: str) -> float:
+def vllm_gauge(live: LiveStack, name: str) -> float:
     """Sum of a vLLM Prometheus gauge (e.g. ``vllm:num_requests_running``) over its label sets."""
-    text = httpx.get(vllm_url + "/metrics").text
+    with live.vllm_client() as client:
+        text = client.get(live.vllm + "/metrics").text
     values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.M)]
     assert values, f"{name} not in vLLM's /metrics"
     return sum(values)
 
 
+@dataclass(frozen=True)
+class Listener:
+    """A listening socket held by a process."""
+
+    pid: int
+    comm: str
+    """The process's name (``VLLM::Worker``...)."""
+    kind: str
+    """``tcp`` or ``unix``."""
+    address: str
+    """``ip:port``, or the socket's path (empty for an abstract or unnamed Unix socket)."""
+
+
+def _tcp_address(hex_address: str, family: socket.AddressFamily) -> str:
+    ip, port = hex_address.split(":")
+    raw = bytes.fromhex(ip)
+    # /proc/net/tcp{,6} print each 32-bit word of the address in host (little-endian) order.
+    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    return f"{socket.inet_ntop(family, raw)}:{int(port, 16)}"
+
+
+def listening_sockets(pgid: int) -> list[Listener]:
+    """Every listening TCP and Unix socket held by a process of the process group ``pgid`` (Linux /proc)."""
+    owners: dict[str, tuple[int, str]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(proc.name)) != pgid:
+                continue
+            comm = (proc / "comm").read_text().strip()
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    owners[target[len("socket:[") : -1]] = (int(proc.name), comm)
+        except OSError:  # the process ended while we looked
+            continue
+    found = []
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in owners:  # 0A: TCP_LISTEN
+                found.append(Listener(*owners[fields[9]], "tcp", _tcp_address(fields[1], family)))
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[3], 16) & 0x10000 and fields[6] in owners:  # __SO_ACCEPTCON: listening
+            found.append(Listener(*owners[fields[6]], "unix", fields[7] if len(fields) > 7 else ""))
+    return found
+
+
 def start_live_stack(profile: str, tmp: Path, adapters: dict[str, Path] | None = None) -> Iterator[LiveStack]:
-    overrides: dict[str, object] = {"vllm.port": free_port()}
+    # vLLM on a socket of this module's own (the kit's default is state/run/vllm.sock, shared by every
+    # `make up` of the checkout).
+    overrides: dict[str, object] = {"vllm.uds": str(tmp / "run" / "vllm.sock")}
     if adapters:
         overrides["vllm.lora_modules"] = {name: str(path) for name, path in adapters.items()}
     resolved = load_profile(ROOT, profile, overrides)

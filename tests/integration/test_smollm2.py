@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import time
 
 import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import vllm_gauge
+from tests.integration.conftest import listening_sockets, vllm_gauge
 
 pytestmark = pytest.mark.integration
 
@@ -73,12 +75,12 @@ def test_a_client_disconnect_cancels_the_request_in_vllm(smollm2):
         next(chunks)
         # vLLM refreshes its gauges once per engine step: wait until it reports this request running.
         deadline = time.monotonic() + 15
-        while vllm_gauge(smollm2.vllm, "vllm:num_requests_running") != 1:
+        while vllm_gauge(smollm2, "vllm:num_requests_running") != 1:
             assert time.monotonic() < deadline, "vLLM never reported the streaming request as running"
             next(chunks)
             time.sleep(0.1)
     deadline = time.monotonic() + 15
-    while vllm_gauge(smollm2.vllm, "vllm:num_requests_running") != 0:
+    while vllm_gauge(smollm2, "vllm:num_requests_running") != 0:
         assert time.monotonic() < deadline, "vLLM kept generating for a client that left"
         time.sleep(0.2)
 
@@ -97,13 +99,28 @@ OPEN_ROUTES = [
 @pytest.mark.parametrize(("method", "path", "served_by_vllm"), OPEN_ROUTES)
 def test_routes_vllm_leaves_open_are_404_at_the_gateway(smollm2, method, path, served_by_vllm):
     if served_by_vllm:
-        direct = httpx.request(
-            method, smollm2.vllm + path, json={"model": smollm2.model, "prompt": "x"}, timeout=30
-        )
+        with smollm2.vllm_client() as vllm:
+            direct = vllm.request(method, smollm2.vllm + path, json={"model": smollm2.model, "prompt": "x"})
         assert direct.status_code != 404, f"vLLM itself serves {path} unauthenticated (that is the risk)"
     reply = httpx.request(method, smollm2.gateway + path, json={}, headers=smollm2.headers())
     assert reply.status_code == 404
     assert reply.json()["error"]["code"] == "not_found"
+
+
+def test_vllm_serves_http_only_on_its_socket_in_a_private_folder(smollm2):
+    """What the socket is for: other local users cannot reach vLLM's unguarded routes over TCP."""
+    uds = smollm2.stack.vllm_uds
+    assert uds is not None and uds.is_socket()
+    folder = uds.parent.stat()
+    assert stat.S_IMODE(folder.st_mode) == 0o700 and folder.st_uid == os.getuid()
+    server = smollm2.stack.vllm.process.pid  # vLLM's HTTP server runs in the process the stack started
+    listeners = listening_sockets(server)  # its process group: the server, engine core and CPU worker
+    assert str(uds) in {s.address for s in listeners if s.pid == server and s.kind == "unix"}
+    tcp = [s for s in listeners if s.kind == "tcp"]
+    assert not [s for s in tcp if s.pid == server], f"vLLM's HTTP server listens on TCP: {tcp}"
+    # The only TCP listeners left are torch.distributed's (gloo store and pairs) in the CPU worker,
+    # on loopback; they do not speak HTTP.
+    assert all(s.comm.startswith("VLLM::Worker") and s.address.startswith("127.0.0.1:") for s in tcp), tcp
 
 
 def test_bad_key_is_401_and_big_body_is_413(smollm2):
@@ -120,7 +137,8 @@ def test_bad_key_is_401_and_big_body_is_413(smollm2):
 
 def test_vllm_error_bodies_reach_the_client_unchanged(smollm2):
     body = {"model": "no-such-model", "messages": QUESTION}
-    direct = httpx.post(smollm2.vllm + "/v1/chat/completions", json=body, timeout=30)
+    with smollm2.vllm_client() as vllm:
+        direct = vllm.post(smollm2.vllm + "/v1/chat/completions", json=body)
     through = httpx.post(
         smollm2.gateway + "/v1/chat/completions", json=body, headers=smollm2.headers(), timeout=30
     )

@@ -1,10 +1,12 @@
-"""`kit up` (make up): vLLM + a 2-worker gateway come up together and both stop on SIGTERM."""
+"""`kit up` (make up): vLLM on its Unix socket + a 2-worker gateway come up together and both stop on
+SIGTERM."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -20,7 +22,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_up_serves_through_two_workers_and_stops_everything_on_sigterm(tmp_path):
-    vllm_port, gateway_port = free_port(), free_port(below_ephemeral=True)
+    gateway_port = free_port(below_ephemeral=True)
+    uds = tmp_path / "run" / "vllm.sock"  # not the kit's state/run/vllm.sock: another `make up` may hold it
     keys_db = tmp_path / "keys.sqlite"
     key = KeyStore(keys_db).create("up")
     env = {
@@ -41,7 +44,7 @@ def test_up_serves_through_two_workers_and_stops_everything_on_sigterm(tmp_path)
             "up",
             "cpu-qwen3_5-tiny",
             "--set",
-            f"vllm.port={vllm_port}",
+            f"vllm.uds={uds}",
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -61,8 +64,9 @@ def test_up_serves_through_two_workers_and_stops_everything_on_sigterm(tmp_path)
                 pass
             time.sleep(1)
         headers = {"authorization": f"Bearer {key}"}
-        for i in range(4):  # spread over both workers
-            tagged = {**headers, "x-request-id": f"up-test-{vllm_port}-{i}"}
+        assert uds.is_socket() and stat.S_IMODE(uds.parent.stat().st_mode) == 0o700
+        for i in range(4):  # spread over both workers, each reaching vLLM over the socket
+            tagged = {**headers, "x-request-id": f"up-test-{gateway_port}-{i}"}
             models = httpx.get(gateway + "/v1/models", headers=tagged).json()
             assert [m["id"] for m in models["data"]] == ["kit/qwen3_5-tiny"]
         metrics = httpx.get(gateway + "/metrics").text
@@ -74,9 +78,9 @@ def test_up_serves_through_two_workers_and_stops_everything_on_sigterm(tmp_path)
     assert "stopped vLLM and the gateway" in output
     # Every worker writes the JSON access log (uvicorn's workers do not inherit the parent's logging).
     log = (ROOT / "state" / "logs" / "gateway.log").read_text()
-    lines = [json.loads(line) for line in log.splitlines() if f"up-test-{vllm_port}-" in line]
+    lines = [json.loads(line) for line in log.splitlines() if f"up-test-{gateway_port}-" in line]
     assert len(lines) == 4 and all(entry["key"] == "up" and entry["status"] == 200 for entry in lines)
     assert key not in log
-    for port in (vllm_port, gateway_port):
-        with pytest.raises(httpx.TransportError):
-            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{gateway_port}/health", timeout=2)
+    assert not uds.exists(), "the socket file outlived vLLM"
