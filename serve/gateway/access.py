@@ -3,8 +3,8 @@ last-resort 500 in the API's error shape.
 
 The pass-through routes are looked up in a dict and served by ``proxy.forward`` directly; everything
 else (``/healthz``, ``/readyz``, ``/metrics``, 404s) goes to the FastAPI app behind. The access log line
-holds no prompt text and no key: only the key's name. It goes through a queue to a logging thread, so
-the event loop never writes to a file or a pipe.
+holds no prompt text and no key: only the key's name. Lines are gathered and written as one log record
+every 0.25 s, through a queue to a logging thread, so the event loop never writes to a file or a pipe.
 """
 
 from __future__ import annotations
@@ -57,6 +57,15 @@ class GatewayApp:
         self.gateway = gateway
         self.admin = admin
         self.routes: dict[str, Route] = {r.path: r for r in ROUTES}
+        self.access_log: list[str] = []
+
+    def flush(self) -> None:
+        """Write the gathered access-log lines (one log record, a JSON object per line) and push the
+        gathered metrics. The app calls it every 0.25 s and at shutdown."""
+        lines, self.access_log = self.access_log, []
+        if lines:
+            logger.info("\n".join(lines))
+        self.gateway.metrics.flush()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,7 +91,7 @@ class GatewayApp:
 
         call: Call | None = None
         metrics = self.gateway.metrics
-        metrics.in_flight.inc()
+        metrics.in_flight_now += 1
         try:
             if route is not None and scope["method"] == route.method:
                 call = Call(request_id, route, start, datetime.now(UTC))
@@ -103,13 +112,12 @@ class GatewayApp:
             if not state["started"]:
                 await send_error(send_with_id, route.api if route else "openai", internal(request_id))
         finally:
-            metrics.in_flight.dec()
+            metrics.in_flight_now -= 1
             elapsed = time.perf_counter() - start
             label = path if route is not None or path in _OWN_PATHS else "other"
-            metrics.requests.labels(label, str(state["status"])).inc()
-            metrics.latency.labels(label).observe(elapsed)
+            metrics.request_done(label, state["status"], elapsed)
             principal = call.principal if call is not None else None
-            logger.info(
+            self.access_log.append(
                 json.dumps(
                     {
                         "request_id": request_id,

@@ -8,12 +8,14 @@ the lifespan: the upstream session, the ledger writer and the access log's threa
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 import logging.handlers
 import queue
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import aiohttp
@@ -119,6 +121,29 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return Response(body, exc.status_code, media_type="application/json")
 
 
+# Seconds between writes of the gathered access-log lines and metric updates.
+FLUSH_INTERVAL_S = 0.25
+
+
+@asynccontextmanager
+async def _every(interval_s: float, job: Callable[[], None]) -> AsyncIterator[None]:
+    """Run ``job`` every ``interval_s`` seconds while the context is open, and once more at its end."""
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            job()
+
+    task = asyncio.get_running_loop().create_task(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        job()
+
+
 @asynccontextmanager
 async def _access_log_thread() -> AsyncIterator[None]:
     """Route the access logger through a queue to a thread that does the writing."""
@@ -183,11 +208,14 @@ def create_app(settings: GatewaySettings) -> GatewayApp:
     if settings.upstream_api_key is not None:
         gateway.upstream_headers["authorization"] = f"Bearer {settings.upstream_api_key.get_secret_value()}"
 
+    app: GatewayApp | None = None
+
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(admin: FastAPI) -> AsyncIterator[None]:
+        assert app is not None
         gateway.session = _open_session(settings)
         gateway.ledger.start()
-        async with _access_log_thread():
+        async with _access_log_thread(), _every(FLUSH_INTERVAL_S, app.flush):
             try:
                 yield
             finally:
@@ -205,7 +233,8 @@ def create_app(settings: GatewaySettings) -> GatewayApp:
     admin.add_route("/healthz", healthz, methods=["GET"])
     admin.add_route("/readyz", readyz, methods=["GET"])
     admin.add_route("/metrics", metrics, methods=["GET"])
-    return GatewayApp(gateway, admin)
+    app = GatewayApp(gateway, admin)
+    return app
 
 
 def create_app_from_env() -> GatewayApp:

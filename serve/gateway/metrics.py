@@ -24,9 +24,18 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 class GatewayMetrics:
     """The gateway's counters. Label values are bounded: routes from the allowlist, models that the
-    upstream accepted (it answers 404 for any other), key names (created by an admin)."""
+    upstream accepted (it answers 404 for any other), key names (created by an admin).
+
+    The per-request figures (requests, latency, in flight, tokens) are gathered in plain dicts and pushed
+    into the Prometheus metrics by ``flush`` (every 0.25 s by the app, and before every ``/metrics``
+    answer): a Prometheus update costs microseconds in multiprocess mode, times several per request.
+    """
 
     def __init__(self) -> None:
+        self.in_flight_now = 0
+        self._requests: dict[tuple[str, str], int] = {}
+        self._latencies: dict[str, list[float]] = {}
+        self._tokens: dict[tuple[str, str, str], int] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("kit_gateway_requests", "Requests answered", ["route", "status"], registry=r)
@@ -54,8 +63,40 @@ class GatewayMetrics:
             "kit_gateway_rate_limited", "Requests refused by a key's limits", ["key", "limit"], registry=r
         )
 
+    def request_done(self, route: str, status: int, seconds: float) -> None:
+        """Count one answered request (pushed at the next ``flush``)."""
+        key = (route, str(status))
+        self._requests[key] = self._requests.get(key, 0) + 1
+        latencies = self._latencies.get(route)
+        if latencies is None:
+            self._latencies[route] = [seconds]
+        else:
+            latencies.append(seconds)
+
+    def add_tokens(self, key: str, model: str, kind: str, count: int) -> None:
+        """Count ``count`` tokens of ``kind`` (prompt, completion, reasoning) for a key and model."""
+        if count:
+            label = (key, model, kind)
+            self._tokens[label] = self._tokens.get(label, 0) + count
+
+    def flush(self) -> None:
+        """Push what was gathered since the last flush into the Prometheus metrics."""
+        requests, self._requests = self._requests, {}
+        latencies, self._latencies = self._latencies, {}
+        tokens, self._tokens = self._tokens, {}
+        for (route, status), count in requests.items():
+            self.requests.labels(route, status).inc(count)
+        for route, values in latencies.items():
+            histogram = self.latency.labels(route)
+            for value in values:
+                histogram.observe(value)
+        for labels, count in tokens.items():
+            self.tokens.labels(*labels).inc(count)
+        self.in_flight.set(self.in_flight_now)
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type; aggregates all workers in multiprocess mode."""
+        self.flush()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)

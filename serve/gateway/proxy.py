@@ -439,11 +439,10 @@ def account(gateway: Gateway, call: Call) -> None:
     usage = call.usage
     if call.principal is not None and (usage.prompt or usage.completion):
         key, model = call.principal.name, call.model or "unknown"
-        tokens = gateway.metrics.tokens
-        tokens.labels(key, model, "prompt").inc(usage.prompt)
-        tokens.labels(key, model, "completion").inc(usage.completion)
-        if usage.reasoning:
-            tokens.labels(key, model, "reasoning").inc(usage.reasoning)
+        metrics = gateway.metrics
+        metrics.add_tokens(key, model, "prompt", usage.prompt)
+        metrics.add_tokens(key, model, "completion", usage.completion)
+        metrics.add_tokens(key, model, "reasoning", usage.reasoning)
     gateway.ledger.record(ledger_row(call))
 
 

@@ -11,9 +11,9 @@ a slot whose pid is gone, and the next worker to register clears that slot's in-
 token counters are seeded from the usage ledger when the file is created (each ``kit gateway`` start
 creates it anew), so day and month budgets survive restarts.
 
-Layout (little-endian int64 unless noted): header (magic, version, key slots, worker slots), worker table
-(pid per worker), key table (per key: name hash, minute, minute requests, minute tokens, day, day tokens,
-month, month tokens), in-flight table (int32 per worker per key).
+Layout (little-endian int64 unless noted): header (magic, version, key slots, worker slots, worker slots
+used so far), worker table (pid per worker), key table (per key: name hash, minute, minute requests,
+minute tokens, day, day tokens, month, month tokens), in-flight table (int32 per worker per key).
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 MAGIC = 0x4B49544C494D4954  # "KITLIMIT"
-VERSION = 1
-_HEADER = struct.Struct("<4q")
+VERSION = 2
+_HEADER = struct.Struct("<5q")  # magic, version, key slots, worker slots, worker slots ever used
+_HIGH_WATER_AT = 32
 _KEY = struct.Struct("<8q")
 _PID = struct.Struct("<q")
 _INFLIGHT = struct.Struct("<i")
@@ -86,9 +87,9 @@ class SharedCounters:
                 os.ftruncate(self._fd, 0)
                 os.ftruncate(self._fd, size)
             self._map = mmap.mmap(self._fd, size)
-            if fresh or _HEADER.unpack_from(self._map, 0) != (MAGIC, VERSION, key_slots, worker_slots):
+            if fresh or _HEADER.unpack_from(self._map, 0)[:4] != (MAGIC, VERSION, key_slots, worker_slots):
                 self._map[:] = bytes(size)
-                _HEADER.pack_into(self._map, 0, MAGIC, VERSION, key_slots, worker_slots)
+                _HEADER.pack_into(self._map, 0, MAGIC, VERSION, key_slots, worker_slots, 0)
                 if seed is not None and windows is not None:
                     minute, day, month = windows
                     for name, (day_tok, month_tok, minute_tok, minute_req) in seed().items():
@@ -186,9 +187,10 @@ class SharedCounters:
     def in_flight(self, name: str) -> int:
         """Requests of ``name`` in flight on every worker (call under ``locked``)."""
         slot = self._find(name, create=True)
+        (workers,) = _PID.unpack_from(self._map, _HIGH_WATER_AT)
         return sum(
             _INFLIGHT.unpack_from(self._map, self._inflight_offset(worker, slot))[0]
-            for worker in range(self.worker_slots)
+            for worker in range(workers)
         )
 
     def add_in_flight(self, name: str, delta: int) -> None:
