@@ -288,9 +288,16 @@ def fake_upstream() -> tuple[web.Application, Seen]:
 
 
 def add_key(gateway: Any, name: str, **policy: Any) -> str:
-    """Create key ``name`` with ``KeyPolicy(**policy)`` in the gateway's database (the gateway must run
-    with ``key_cache_ttl_s=0`` to see it at once)."""
-    return KeyStore(gateway.settings.keys_db).create(name, KeyPolicy(**policy))
+    """Create key ``name`` with ``KeyPolicy(**policy)`` in the gateway's database and wait until the
+    gateway accepts it (run the gateway with ``key_cache_ttl_s=0``: a worker then picks a new key up
+    within one read of the database). The probe is ``GET /v1/usage``, which the gateway answers itself:
+    nothing reaches the upstream and no ledger row is written."""
+    key = KeyStore(gateway.settings.keys_db).create(name, KeyPolicy(**policy))
+    deadline = time.monotonic() + 10
+    while httpx.get(gateway.url + "/v1/usage", headers={"authorization": f"Bearer {key}"}).status_code == 401:
+        assert time.monotonic() < deadline, f"the gateway did not accept key {name!r} within 10 s"
+        time.sleep(0.02)
+    return key
 
 
 def post(
