@@ -31,7 +31,7 @@ ACCELERATE_ARGS ?=
 PYTEST_ARGS ?=
 
 
-.PHONY: help setup lock models demo test test-unit test-integration lint serve gateway up key key-list key-set key-rotate key-revoke usage validate download finetune finetune-demo validate-data check-adapter merge bench-finetune bench-gateway clean
+.PHONY: help setup lock models demo test test-unit test-integration lint serve gateway up key key-list key-set key-rotate key-revoke usage validate download finetune finetune-demo validate-data check-adapter merge bench-finetune bench-gateway soak-ledger clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 20
@@ -95,6 +95,10 @@ bench-finetune: models  ## LoRA tokens/s and peak memory (BENCH_ARGS="--full-siz
 
 bench-gateway: setup  ## gateway vs direct: added latency, requests/s, TTFT, CPU (BENCH_ARGS=--quick: ~1 min)
 	@$(PY) scripts/bench_gateway.py $(BENCH_ARGS)
+
+SOAK_ARGS ?=
+soak-ledger: models  ## 10,000 requests, vLLM killed mid-load, every one reconciled with the usage ledger (~7 min)
+	@$(PY) scripts/soak_ledger.py $(SOAK_ARGS)
 
 serve: setup  ## run vLLM for PROFILE (DRY_RUN=1 prints the exact command)
 	@$(KIT) serve $(PROFILE) $(if $(DRY_RUN),--dry-run) $(foreach s,$(SET),--set $(s)) $(foreach a,$(ADAPTERS),--adapter $(a))
