@@ -158,13 +158,15 @@ class FakeUpstream(Upstream):
 
 
 def _git_commit() -> str | None:
+    """HEAD, with ``+dirty`` when tracked files under ``serve/`` differ from it."""
     try:
-        out = subprocess.run(
+        head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
         )
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "serve"], cwd=ROOT, check=False)
     except (OSError, subprocess.CalledProcessError):
         return None
-    return out.stdout.strip()
+    return head.stdout.strip() + ("+dirty" if dirty.returncode else "")
 
 
 def _phases(seen: list[Seen]) -> dict[str, dict[str, int]]:
@@ -235,6 +237,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    commit = _git_commit()  # the code that runs (others may commit while it does)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kit-soak-"))
     workdir.mkdir(parents=True, exist_ok=True)
     keys_db = workdir / "gw.sqlite"
@@ -293,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.json or ROOT / "bench" / f"soak-ledger-{datetime.now(UTC):%Y-%m-%d}.json"
     record = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
+        "git_commit": commit,
         "ok": ok,
         "problems": problems,
         "upstream": {

@@ -4,7 +4,14 @@ concurrency, the upstream killed and restarted in the middle, and what the clien
 Every request carries its own ``x-request-id``. Kinds (``plan``): non-streamed; streamed without and with
 ``stream_options.include_usage``; long streams (so that some are mid-way when the upstream dies);
 streams the client leaves after their first event; non-streamed requests the client leaves after
-``leave_after_s`` (both long generations, so they are still running when the client goes).
+``leave_after_s`` without an answer (both long generations, so they are still running when the client
+goes).
+
+A client that leaves must know its request reached the gateway, or it cannot say whether a row is owed:
+under load a request the client gave up on after 2 ms had sometimes not been read by the gateway at
+all (no access-log line, no row; the client's close discards it). Streams leave after an answer event,
+so they reached it. Non-streamed leavers are sent with ``Expect: 100-continue`` on a plain connection
+(``h11``): uvicorn answers 100 only when the gateway asks for the body, and the leave timer starts then.
 
 The outage (``Outage``): from request ``kill_at`` on, the kill waits (the load going on) until a long
 stream is mid-way, then kills the upstream with requests in flight; the next ``outage_requests``
@@ -21,8 +28,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
+import h11
 
 KINDS = {
     # kind: (share of the load, streamed, max_tokens); the rest (``json``) fills up to 1.
@@ -212,6 +221,21 @@ async def _read_stream(response: aiohttp.ClientResponse, seen: Seen, mid_way: se
     seen.result = "complete" if done and not errored else "stream_broken"
 
 
+async def _next_event(connection: h11.Connection, reader: asyncio.StreamReader) -> Any:
+    """The next h11 event of ``connection``, reading from ``reader`` as needed.
+
+    Raises:
+        h11.RemoteProtocolError: the server closed the connection instead.
+    """
+    while True:
+        event = connection.next_event()
+        if isinstance(event, h11.ConnectionClosed):
+            raise h11.RemoteProtocolError("the gateway closed the connection")
+        if event is not h11.NEED_DATA:
+            return event
+        connection.receive_data(await reader.read(65536))
+
+
 class LoadGenerator:
     """Sends ``specs`` to ``url`` with ``concurrency`` requests in flight, around one outage.
 
@@ -261,16 +285,9 @@ class LoadGenerator:
         mid_way = self._mid_way if spec.kind == "long_stream" else set()
         try:
             if spec.kind == "leave_json":
-                try:
-                    async with asyncio.timeout(self.leave_after_s):
-                        response = await session.post(
-                            self.url + PATH, json=spec.body(self.model), headers=headers
-                        )
-                except TimeoutError:
-                    seen.result = "left_early"
-                    return
-            else:
-                response = await session.post(self.url + PATH, json=spec.body(self.model), headers=headers)
+                await self._leave_json(seen)
+                return
+            response = await session.post(self.url + PATH, json=spec.body(self.model), headers=headers)
             async with response:
                 seen.status = response.status
                 if response.status >= 400:
@@ -282,11 +299,65 @@ class LoadGenerator:
                     obj = await response.json()
                     _take_usage(seen, obj)
                     seen.result = "complete"
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
+        except (aiohttp.ClientError, h11.ProtocolError, OSError, ValueError) as exc:
             seen.result = "transport_error"
             seen.error = repr(exc)[:200]
         finally:
             mid_way.discard(spec.index)
+
+    async def _leave_json(self, seen: Seen) -> None:
+        """A non-streamed request whose client goes ``leave_after_s`` after the gateway started reading
+        its body, unless an answer came first (read then like any other)."""
+        spec = seen.spec
+        body = json.dumps(spec.body(self.model)).encode()
+        where = urlsplit(self.url)
+        assert where.hostname is not None and where.port is not None
+        connection = h11.Connection(h11.CLIENT)
+        request = h11.Request(
+            method="POST",
+            target=PATH,
+            headers=[
+                ("host", where.netloc),
+                ("authorization", f"Bearer {self.key}"),
+                ("x-request-id", spec.request_id),
+                ("content-type", "application/json"),
+                ("content-length", str(len(body))),
+                ("expect", "100-continue"),
+                ("connection", "close"),
+            ],
+        )
+        reader, writer = await asyncio.open_connection(where.hostname, where.port)
+        try:
+            writer.write(connection.send(request) or b"")
+            await writer.drain()
+            event = await _next_event(connection, reader)
+            if isinstance(event, h11.InformationalResponse):
+                writer.write(
+                    (connection.send(h11.Data(data=body)) or b"")
+                    + (connection.send(h11.EndOfMessage()) or b"")
+                )
+                await writer.drain()
+                try:
+                    async with asyncio.timeout(self.leave_after_s):
+                        event = await _next_event(connection, reader)
+                except TimeoutError:
+                    seen.result = "left_early"
+                    return  # the finally closes the connection: the client is gone
+            if not isinstance(event, h11.Response):
+                raise h11.RemoteProtocolError(f"expected a response, got {event!r}")
+            seen.status = event.status_code
+            payload = b""
+            while not isinstance(event := await _next_event(connection, reader), h11.EndOfMessage):
+                if isinstance(event, h11.Data):
+                    payload += event.data
+            if seen.status >= 400:
+                seen.result = "error_status"
+                seen.error = payload[:200].decode(errors="replace")
+            else:
+                _take_usage(seen, json.loads(payload))
+                seen.result = "complete"
+        finally:
+            writer.close()
 
     async def _kill(self) -> None:
         outage = self.outage
