@@ -580,20 +580,25 @@ def measure_all(args: argparse.Namespace, warmup_s: float) -> dict:
     return {"key_limits": limits, "gateway_ready_s": ready_s, "runs": kept, "discarded_runs": discarded}
 
 
+def code_state() -> dict:
+    """The commit measured, and the files under serve/ that differ from it (taken when the run starts)."""
+    uncommitted = [line[3:] for line in git("status", "--porcelain", "--", "serve").splitlines()]
+    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_serve": uncommitted}
+
+
 def build_result(
-    args: argparse.Namespace, warmup_s: float, started: datetime, machine: dict, measured: dict
+    args: argparse.Namespace, warmup_s: float, started: datetime, code: dict, machine: dict, measured: dict
 ) -> dict:
     kept = measured["runs"]
     summary = summarize(kept)
     date = started.strftime("%Y-%m-%d")
-    uncommitted = [line[3:] for line in git("status", "--porcelain", "--", "serve").splitlines()]
     return {
         "schema": 1,
         "date": date,
         "file": f"gateway-{date}.json",
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "code": {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_serve": uncommitted},
+        "code": code,
         "config": {
             "rounds": args.rounds,
             "duration_s": args.duration,
@@ -630,13 +635,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGALRM, _raise_on_signal)
     signal.alarm(int(180 + 2 * (runs * (args.duration + 4) + 4 * warmup_s)))  # twice the plan + start-up
     try:
-        started = datetime.now(UTC)
+        started, code = datetime.now(UTC), code_state()
         machine = machine_facts()
         log(f"{machine['nproc']} x {machine['cpu_model']}; others use {machine['other_cores_before']} cores")
         measured = measure_all(args, warmup_s)
     finally:
         signal.alarm(0)
-    result = build_result(args, warmup_s, started, machine, measured)
+    result = build_result(args, warmup_s, started, code, machine, measured)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / result["file"]
     out.write_text(json.dumps(result, indent=1) + "\n")
