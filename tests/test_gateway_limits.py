@@ -35,7 +35,6 @@ from serve.gateway.keys import KeyPolicy, KeyStore
 from serve.gateway.store import LimitState, open_engine
 from tests.conftest import ThreadedAiohttp
 from tests.gateway_process import GatewayProcess, Reply, WorkerConnection, gateway_process
-from tests.test_limits import MEMORY_IN_FLIGHT_BUG
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
@@ -320,8 +319,6 @@ def test_rpm_admits_exactly_k_of_parallel_requests_across_two_workers(
 def test_max_concurrent_admits_exactly_k_at_once_across_two_workers(
     request: pytest.FixtureRequest, upstream: tuple[ThreadedAiohttp, FakeVllm], store: str
 ) -> None:
-    if store == "memory":
-        request.applymarker(MEMORY_IN_FLIGHT_BUG)
     gateway = gateway_of(request, store)
     fake = upstream[1]
     connections = gateway.process.connections_per_worker(PER_WORKER)

@@ -36,15 +36,6 @@ from serve.gateway.usage_report import usage_in_windows
 TTL_S = 3600.0  # in-flight TTL of the SQL limiter, for tests that do not test the TTL itself
 SLOW_S = 0.002  # how long the slowed critical section sleeps (see slow_critical_sections)
 Any_Limiter = Limiter | LocalLimiter
-# serve/gateway/shared_counters.py (commit 811cc93): in_flight() sums only the worker slots below the
-# header's "worker slots ever used" (offset 32), and _register never raises it from 0, so the memory
-# store counts no request in flight and max_concurrent admits every request. Fix: in _register, after
-# taking slot ``worker``, store max(that field, worker + 1) at _HIGH_WATER_AT.
-MEMORY_IN_FLIGHT_BUG = pytest.mark.xfail(
-    reason="shared_counters: _register never raises the worker high-water mark that in_flight() reads, "
-    "so in-memory max_concurrent counts 0 requests in flight",
-    strict=True,
-)
 
 
 def at(iso: str) -> float:
@@ -227,8 +218,6 @@ def denied(result: Reservation | Denial, limit: str) -> Denial:
 def test_parallel_requests_against_a_limit_of_k_admit_exactly_k(
     request: pytest.FixtureRequest, store: Store, policy: KeyPolicy, tokens: int, expected: int, limit: str
 ) -> None:
-    if store.kind == "memory" and limit == "max_concurrent":
-        request.applymarker(MEMORY_IN_FLIGHT_BUG)
     # 16 threads, each its own worker on the store, start their admission at the same moment.
     threads = 16
     workers = [store.worker() for _ in range(threads)]
@@ -290,8 +279,6 @@ def test_tokens_are_reserved_up_front_and_settled_to_real_usage(store: Store, li
 
 
 def test_settling_releases_the_in_flight_slot(request: pytest.FixtureRequest, store: Store) -> None:
-    if store.kind == "memory":
-        request.applymarker(MEMORY_IN_FLIGHT_BUG)
     policy = KeyPolicy(max_concurrent=1)
     one, other = store.worker(), store.worker()
     first = admitted(one.admit("team", policy, rid(), 10, now=NOON))
@@ -478,7 +465,6 @@ def _worker_process(path: Path, action: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
-@MEMORY_IN_FLIGHT_BUG
 def test_an_in_flight_slot_of_a_dead_worker_is_cleared_when_its_replacement_attaches(tmp_path: Path) -> None:
     path = tmp_path / "run" / "limits.counters"
     policy = KeyPolicy(max_concurrent=1)
@@ -526,8 +512,6 @@ def test_the_denial_message_names_the_limit_its_value_and_the_reset_time(
 def test_the_max_concurrent_message_names_the_limit_and_the_requests_in_flight(
     request: pytest.FixtureRequest, store: Store, limiter: Any_Limiter
 ) -> None:
-    if store.kind == "memory":
-        request.applymarker(MEMORY_IN_FLIGHT_BUG)
     policy = KeyPolicy(max_concurrent=2)
     for _ in range(2):
         admitted(limiter.admit("alice", policy, rid(), 0, now=NOON))

@@ -129,21 +129,27 @@ class SharedCounters:
         self._map[start : start + length] = bytes(length)
 
     def _register(self) -> int:
-        """Take a worker slot: a free one, or one whose pid is dead (its in-flight counts cleared)."""
+        """Take a worker slot (the first free one), after clearing every slot whose process is gone
+        (their in-flight counts would otherwise count forever)."""
         pid = os.getpid()
-        for worker in range(self.worker_slots):
-            (owner,) = _PID.unpack_from(self._map, self._workers_at + worker * _PID.size)
-            if owner == pid:
-                return worker
-        for worker in range(self.worker_slots):
-            (owner,) = _PID.unpack_from(self._map, self._workers_at + worker * _PID.size)
-            if owner == 0 or not _alive(owner):
-                start = self._inflight_offset(worker, 0)
-                self._map[start : start + self.key_slots * _INFLIGHT.size] = bytes(
-                    self.key_slots * _INFLIGHT.size
-                )
-                _PID.pack_into(self._map, self._workers_at + worker * _PID.size, pid)
-                return worker
+        owners = [
+            _PID.unpack_from(self._map, self._workers_at + worker * _PID.size)[0]
+            for worker in range(self.worker_slots)
+        ]
+        if pid in owners:
+            return owners.index(pid)
+        for worker, owner in enumerate(owners):
+            if owner != 0 and not _alive(owner):
+                self._clear_worker(worker)
+                _PID.pack_into(self._map, self._workers_at + worker * _PID.size, 0)
+                owners[worker] = 0
+        if 0 in owners:
+            worker = owners.index(0)
+            self._clear_worker(worker)
+            _PID.pack_into(self._map, self._workers_at + worker * _PID.size, pid)
+            (used,) = _PID.unpack_from(self._map, _HIGH_WATER_AT)
+            _PID.pack_into(self._map, _HIGH_WATER_AT, max(used, worker + 1))
+            return worker
         raise CountersFull(f"{self.path}: all {self.worker_slots} worker slots are held by live processes")
 
     def _find(self, name: str, create: bool) -> int:
@@ -202,10 +208,7 @@ class SharedCounters:
     def close(self) -> None:
         """Give the worker slot back and unmap."""
         with self._locked_fd():
-            start = self._inflight_offset(self.worker, 0)
-            self._map[start : start + self.key_slots * _INFLIGHT.size] = bytes(
-                self.key_slots * _INFLIGHT.size
-            )
+            self._clear_worker(self.worker)
             _PID.pack_into(self._map, self._workers_at + self.worker * _PID.size, 0)
         self._map.close()
         os.close(self._fd)
