@@ -16,12 +16,23 @@ from serve.gateway.routes import Route
 
 
 def check_model(principal: Principal, model: str | None) -> None:
-    """Raise 403 when the key may not call ``model``.
+    """Raise when the key may not call ``model``. A request that names no model is served by vLLM with its
+    base model, so a key limited to some models must name one.
 
     Raises:
-        GatewayError: 403 ``model_not_allowed``.
+        GatewayError: 403 ``model_not_allowed``, or 400 ``model_required``.
     """
-    if model is not None and not principal.policy.allows(model):
+    if model is None:
+        if "*" not in principal.policy.models:
+            raise GatewayError(
+                400,
+                f"Name the model: key {principal.name!r} may use only {', '.join(principal.policy.models)}.",
+                "invalid_request_error",
+                "model_required",
+                "model",
+            )
+        return
+    if not principal.policy.allows(model):
         raise GatewayError(
             403,
             f"Key {principal.name!r} may not use model {model!r} (it may use: "
@@ -33,12 +44,18 @@ def check_model(principal: Principal, model: str | None) -> None:
 
 
 def _positive_int(obj: dict[str, Any], name: str) -> int | None:
+    """The integer vLLM would read from ``obj[name]``: its pydantic models also take a whole float
+    (``5000.0``) or a string of digits (``"5000"``); anything else is left to vLLM to refuse."""
     value = obj.get(name)
-    if value is None:
+    if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None  # vLLM reports the malformed field itself
-    return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value.strip())
+    return None
 
 
 def capped_fields(obj: dict[str, Any], route: Route, principal: Principal) -> dict[str, Any]:
