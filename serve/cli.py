@@ -49,7 +49,7 @@ from serve.gateway.logconfig import log_config
 from serve.gateway.settings import CONFIG_ENV, GatewaySettings
 from serve.modeldir import not_ready_reason
 from serve.render import render
-from serve.supervisor import StartupError, run_stack
+from serve.supervisor import StartupError, prepare_uds, run_stack
 
 logger = logging.getLogger("kit")
 
@@ -143,6 +143,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if reason:
         raise ConfigError([reason], title="the model is not ready to serve")
     _check_adapters(resolved)
+    if resolved.profile.vllm.uds is not None:
+        prepare_uds(resolved.profile.vllm.uds)
     print(command.shell(), flush=True)
     env = {**os.environ, **command.env}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

@@ -284,6 +284,7 @@ def gateway_env(
     host: str = "127.0.0.1",
     chat_template_kwargs: dict[str, dict[str, Any]] | None = None,
     upstream_uds: Path | None = None,
+    read_timeout_s: float | None = None,
 ) -> dict[str, str]:
     """``KIT_GATEWAY_*`` variables for a gateway in front of ``upstream_url`` (reached over the Unix
     socket ``upstream_uds`` when given)."""
@@ -297,9 +298,32 @@ def gateway_env(
     }
     if chat_template_kwargs:
         env["KIT_GATEWAY_DEFAULT_CHAT_TEMPLATE_KWARGS"] = json.dumps(chat_template_kwargs)
-    if upstream_uds is not None:
-        env["KIT_GATEWAY_UPSTREAM_UDS"] = str(upstream_uds)
+    # Always set: a TCP profile must override an upstream_uds from configs/gateway.yaml.
+    env["KIT_GATEWAY_UPSTREAM_UDS"] = str(upstream_uds) if upstream_uds is not None else ""
+    if read_timeout_s is not None:
+        env["KIT_GATEWAY_UPSTREAM_READ_TIMEOUT_S"] = str(read_timeout_s)
     return env
+
+
+# The slowest decode the kit plans for (tokens/s of one sequence): a non-streamed answer is silent until
+# it is complete, so the gateway's read timeout must cover max_model_len tokens at this rate.
+SLOWEST_DECODE_TOKENS_PER_S = 10
+
+
+def upstream_read_timeout_s(resolved: ResolvedProfile, floor_s: float = 3600.0) -> float:
+    """The gateway's ``upstream_read_timeout_s`` for a profile: the longest generation it allows
+    (``max_model_len``, else the model's ``max_position_embeddings``) at ``SLOWEST_DECODE_TOKENS_PER_S``,
+    and at least ``floor_s`` (h200's 262,144 tokens: 26,214 s)."""
+    length = resolved.profile.vllm.max_model_len
+    if length is None:
+        try:
+            config = json.loads((resolved.model_dir / "config.json").read_text())
+            length = config.get("max_position_embeddings") or config.get("text_config", {}).get(
+                "max_position_embeddings"
+            )
+        except (OSError, ValueError):
+            length = None
+    return max(floor_s, (length or 0) / SLOWEST_DECODE_TOKENS_PER_S)
 
 
 def adapter_chat_template_kwargs(lora_modules: dict[str, Path]) -> dict[str, dict[str, Any]]:
@@ -395,6 +419,7 @@ def run_stack(
                 gateway_host,
                 adapter_chat_template_kwargs(resolved.profile.vllm.lora_modules),
                 uds,
+                upstream_read_timeout_s(resolved),
             )
             gateway = start_gateway(env, log_dir / "gateway.log")
             try:

@@ -159,7 +159,22 @@ def test_the_gateway_gets_the_socket(monkeypatch, tmp_path):
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("KIT_GATEWAY_CONFIG", str(ROOT / "configs" / "gateway.yaml"))
     assert GatewaySettings().upstream_uds == tmp_path / "v.sock"
-    assert "KIT_GATEWAY_UPSTREAM_UDS" not in gateway_env("http://127.0.0.1:1", 9, tmp_path / "k", ["m"])
+    # A TCP profile clears a socket that configs/gateway.yaml may name.
+    tcp = gateway_env("http://127.0.0.1:1", 9, tmp_path / "k", ["m"])
+    monkeypatch.setenv("KIT_GATEWAY_UPSTREAM_UDS", tcp["KIT_GATEWAY_UPSTREAM_UDS"])
+    assert GatewaySettings().upstream_uds is None
+
+
+def test_the_gateways_read_timeout_covers_the_longest_generation_a_profile_allows(root):
+    from serve.supervisor import SLOWEST_DECODE_TOKENS_PER_S, upstream_read_timeout_s
+
+    h200 = load_profile(root, "h200")
+    assert h200.profile.vllm.max_model_len == 262144
+    # 262,144 tokens at 10 tokens/s: a non-streamed answer is silent until complete.
+    assert upstream_read_timeout_s(h200) == 262144 / SLOWEST_DECODE_TOKENS_PER_S
+    assert upstream_read_timeout_s(load_profile(root, "cpu-demo")) == 3600.0  # the floor
+    env = gateway_env("http://x", 9, Path("k"), ["m"], read_timeout_s=upstream_read_timeout_s(h200))
+    assert float(env["KIT_GATEWAY_UPSTREAM_READ_TIMEOUT_S"]) > 7 * 3600
 
 
 def _write_profile(tmp_path: Path, body: str) -> Path:

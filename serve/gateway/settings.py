@@ -126,6 +126,11 @@ class GatewaySettings(BaseSettings):
         """The SQLAlchemy URL of the gateway's database."""
         return self.database_url or f"sqlite:///{self.keys_db}"
 
+    @field_validator("upstream_uds", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value  # KIT_GATEWAY_UPSTREAM_UDS="" selects TCP
+
     @field_validator("upstream_url")
     @classmethod
     def _no_trailing_slash(cls, value: AnyHttpUrl) -> AnyHttpUrl:
