@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             gateway.stop()
         upstream.stop()
     rows = read_rows(f"sqlite:///{keys_db}", keys_db.parent)
-    report = reconcile(result.seen, rows, KEY_NAME, upstream.model)
+    report = reconcile(result.seen, rows, KEY_NAME, upstream.model, outage.window)
     coverage = coverage_problems(result.seen, outage)
     log_counts = _gateway_log_counts(gateway_log)
     problems = list(coverage)

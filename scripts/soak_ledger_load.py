@@ -27,6 +27,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -152,9 +153,18 @@ class Outage:
     mid_way_wait_s: float = 30.0
     outage_start: int | None = None
     killed_at: float | None = None
+    killed_wall: datetime | None = None
+    resumed_wall: datetime | None = None
     restart_s: float | None = None
     streams_mid_way_at_kill: int = 0
     in_flight_at_kill: int = 0
+
+    @property
+    def window(self) -> tuple[datetime, datetime] | None:
+        """From just before the kill until the upstream answered again (UTC), once both happened."""
+        if self.killed_wall is None or self.resumed_wall is None:
+            return None
+        return self.killed_wall, self.resumed_wall
 
     @property
     def resume_at(self) -> int:
@@ -368,6 +378,7 @@ class LoadGenerator:
         outage.in_flight_at_kill = len(self._in_flight)
         for index in self._in_flight:
             self.seen[index].phase = "at_kill"
+        outage.killed_wall = datetime.now(UTC)
         outage.kill()
         outage.outage_start = self._next
         outage.killed_at = time.monotonic()
@@ -377,6 +388,7 @@ class LoadGenerator:
     async def _restart_upstream(self) -> None:
         self.timeline["restart_started"] = time.monotonic() - self._start
         self.outage.restart_s = await asyncio.to_thread(self.outage.restart)
+        self.outage.resumed_wall = datetime.now(UTC)
         self.timeline["resumed"] = time.monotonic() - self._start
         self._resumed.set()
 

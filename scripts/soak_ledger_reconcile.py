@@ -10,10 +10,12 @@ What the client saw maps to the ledger row it must have (``acceptable``):
 - a stream that broke after its 200 -> ``upstream_error`` / 200;
 - 503 or 504 -> ``upstream_error`` with that status; 401/403/405/413/429 -> ``rejected``.
 
-Two races are inherent when the upstream dies under a request whose client is leaving at the same time
-(the gateway answers the broken upstream just as the client goes): for requests in flight at the kill or
-sent during the outage only, a client that left early may instead have ``upstream_error`` (200 for a
-stream, 503 otherwise). Those are accepted and counted apart (``race_accepted``), never silently. A client
+One race is inherent when the upstream dies under a request whose client is leaving at the same time:
+the gateway notices whichever comes first, the broken upstream or the gone client (it may still hold a
+request for a few ms after its client left). So a client that left early may instead have
+``upstream_error`` (200 for a stream, 503 otherwise), but only when the row's own time span (its
+``created_at`` + ``latency_ms``) overlaps the outage, from the kill until the upstream answered again.
+These are accepted and counted apart (``race_accepted``), never silently. A client
 whose connection to the gateway failed (``transport_error``) must still have exactly one row, either
 ``client_disconnect`` or ``upstream_error``; these are counted apart too. A non-streamed client that
 left before the gateway read its body (uvicorn reports the disconnect before a body it has buffered)
@@ -25,7 +27,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ from sqlalchemy import select
 from serve.gateway.store import LedgerRow, open_engine
 
 GATEWAY_REJECTS = frozenset({400, 401, 403, 405, 413, 429})
+CLOCK_SLACK = timedelta(milliseconds=50)  # row times come from the gateway's clock, the window from ours
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,27 @@ class Row:
     route: str
     prompt_tokens: int
     completion_tokens: int
+    created_at: datetime | None = None
+    latency_ms: float = 0.0
     source: str = "db"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["created_at"] = self.created_at.isoformat() if self.created_at else None
+        return data
+
+    def overlaps(self, window: tuple[datetime, datetime] | None) -> bool:
+        """Whether the gateway held this request at some moment of ``window`` (start, end; UTC)."""
+        if window is None or self.created_at is None:
+            return False
+        end = self.created_at + timedelta(milliseconds=self.latency_ms)
+        return self.created_at <= window[1] + CLOCK_SLACK and end >= window[0] - CLOCK_SLACK
+
+
+def _utc(value: datetime | str) -> datetime:
+    """An aware UTC datetime (SQLite returns naive ones, spill files hold ISO strings)."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def read_rows(database_url: str, spill_dir: Path) -> list[Row]:
@@ -66,14 +90,13 @@ def read_rows(database_url: str, spill_dir: Path) -> list[Row]:
                 data = json.loads(line)
                 fields = {name: data[name] for name in Row.__dataclass_fields__ if name != "source"}
                 rows.append(Row(**fields, source="spill"))
-    return rows
+    return [replace(row, created_at=_utc(row.created_at)) if row.created_at else row for row in rows]
 
 
-def acceptable(seen: Seen) -> list[tuple[str, int | None]]:
+def acceptable(seen: Seen, racy: bool = False) -> list[tuple[str, int | None]]:
     """The ``(outcome, status)`` pairs the ledger may show for ``seen``, the expected one first; a
-    status of None accepts any status."""
+    status of None accepts any status. ``racy``: the gateway held the request during the outage."""
     stream = seen.spec.stream
-    racy = seen.phase in ("at_kill", "outage")
     if seen.result == "complete":
         return [("ok", seen.status)]
     if seen.result == "left_early":
@@ -155,7 +178,9 @@ class Report:
         }
 
 
-def _check_row(seen: Seen, row: Row, key_name: str, model: str) -> tuple[str | None, str | None]:
+def _check_row(
+    seen: Seen, row: Row, key_name: str, model: str, outage: tuple[datetime, datetime] | None
+) -> tuple[str | None, str | None]:
     """What is wrong with ``row`` for ``seen`` (None: nothing), and which allowance it needed, if any
     (``race``, or ``body_unread``: a non-streamed client that left before the gateway read its body, so
     the row cannot know the model)."""
@@ -173,7 +198,7 @@ def _check_row(seen: Seen, row: Row, key_name: str, model: str) -> tuple[str | N
     for column, want in columns:
         if getattr(row, column) != want:
             return f"{column} is {getattr(row, column)!r}, not {want!r}", None
-    options = acceptable(seen)
+    options = acceptable(seen, row.overlaps(outage))
     position = next(
         (i for i, (o, s) in enumerate(options) if o == row.outcome and s in (None, row.status)), None
     )
@@ -212,13 +237,20 @@ def _label(seen: Seen) -> str:
     return seen.result.replace("_", " ")
 
 
-def reconcile(seen: list[Seen], rows: list[Row], key_name: str, model: str) -> Report:
+def reconcile(
+    seen: list[Seen],
+    rows: list[Row],
+    key_name: str,
+    model: str,
+    outage: tuple[datetime, datetime] | None = None,
+) -> Report:
     """Check ``rows`` against ``seen``: exactly one row per sent request, none unknown, each consistent.
 
     Args:
         seen: what the load generator saw, one per sent request.
         rows: the ledger (``read_rows``).
         key_name / model: what every row must name.
+        outage: from the kill until the upstream answered again (UTC), for the race (module docstring).
     """
     by_id: dict[str, list[Row]] = defaultdict(list)
     for row in rows:
@@ -249,14 +281,14 @@ def reconcile(seen: list[Seen], rows: list[Row], key_name: str, model: str) -> R
             report.duplicated.append(one.spec.request_id)
             problem = f"{len(found)} ledger rows"
         else:
-            problem, allowance = _check_row(one, found[0], key_name, model)
+            problem, allowance = _check_row(one, found[0], key_name, model, outage)
             if problem is None:
                 report.race_accepted += allowance == "race"
                 report.body_unread += allowance == "body_unread"
             problem = problem or _client_problem(one)
             if problem is not None:
                 report.mismatches.append(
-                    Mismatch(one.spec.request_id, problem, one.to_json(), asdict(found[0]))
+                    Mismatch(one.spec.request_id, problem, one.to_json(), found[0].to_json())
                 )
         if problem is not None:
             group["wrong"] += 1
