@@ -97,7 +97,7 @@ bench-gateway: setup  ## gateway vs direct: added latency, requests/s, TTFT, CPU
 	@$(PY) scripts/bench_gateway.py $(BENCH_ARGS)
 
 SOAK_ARGS ?=
-soak-ledger: models  ## 10,000 requests, vLLM killed mid-load, every one reconciled with the usage ledger (~7 min)
+soak-ledger: models  ## 10,000 requests, vLLM killed mid-load, every one reconciled with the usage ledger (~6 min)
 	@$(PY) scripts/soak_ledger.py $(SOAK_ARGS)
 
 serve: setup  ## run vLLM for PROFILE (DRY_RUN=1 prints the exact command)
