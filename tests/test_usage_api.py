@@ -114,7 +114,7 @@ def test_an_admin_key_sees_every_key_and_can_filter_by_one(used):
     assert by_key_and_model(usage(gateway, keys["admin"], "?key=nobody")) == {}
 
 
-@pytest.mark.parametrize("days", ["0", "367", "-1", "1.5", "abc", "1e3"])
+@pytest.mark.parametrize("days", ["0", "367", "-1", "1.5", "abc", "1e3", ""])
 def test_a_bad_days_parameter_is_400(used, days):
     gateway, keys, _ = used
     reply = usage(gateway, keys["tester"], f"?days={days}")

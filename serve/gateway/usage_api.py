@@ -21,7 +21,7 @@ async def serve_usage(gateway: Gateway, call: Call, scope: Scope, send: Send) ->
     asked by a non-admin, 400 for bad parameters)."""
     try:
         call.principal = principal = await authenticate(gateway, scope)
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         days_text = query.get("days", ["30"])[-1]
         if not days_text.isdigit() or not 1 <= int(days_text) <= 366:
             raise GatewayError(
