@@ -209,14 +209,18 @@ class LocalLimiter:
         now = time.time() if now is None else now
         tokens = tokens if counts_tokens(policy) else 0
         slot = policy.max_concurrent is not None
-        with self.counters.locked():
-            running = self.counters.in_flight(name) if slot else 0
-            denial, window = evaluate(self.counters.read(name), policy, tokens, running, now)
+        counters = self.counters
+        counters.lock()
+        try:
+            running = counters.in_flight(name) if slot else 0
+            denial, window = evaluate(counters.read(name), policy, tokens, running, now)
             if denial is not None:
                 return denial
-            self.counters.write(name, window)
+            counters.write(name, window)
             if slot:
-                self.counters.add_in_flight(name, 1)
+                counters.add_in_flight(name, 1)
+        finally:
+            counters.unlock()
         return Reservation(name, request_id, tokens, window[0], window[3], window[5], slot)
 
     def settle(self, reservation: Reservation, used_tokens: int, now: float | None = None) -> None:
@@ -224,12 +228,16 @@ class LocalLimiter:
         if not reservation.needs_settle:
             return
         now = time.time() if now is None else now
-        with self.counters.locked():
+        counters = self.counters
+        counters.lock()
+        try:
             if reservation.tokens or used_tokens:
-                stored = self.counters.read(reservation.name)
-                self.counters.write(reservation.name, settled(stored, reservation, used_tokens, now))
+                stored = counters.read(reservation.name)
+                counters.write(reservation.name, settled(stored, reservation, used_tokens, now))
             if reservation.slot:
-                self.counters.add_in_flight(reservation.name, -1)
+                counters.add_in_flight(reservation.name, -1)
+        finally:
+            counters.unlock()
 
     async def admit_async(
         self, name: str, policy: KeyPolicy, request_id: str, tokens: int

@@ -174,24 +174,33 @@ class SharedCounters:
         raise CountersFull(f"{self.path}: all {self.key_slots} key slots are in use")
 
     # -- the operations used by the limiter -----------------------------------------------------------------
+    def lock(self) -> None:
+        """Take the lock for a read-check-write (keep what follows free of I/O and awaits; ``unlock``
+        in a ``finally``). Plain calls, not a context manager: this runs twice per limited request."""
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def unlock(self) -> None:
+        """Release the lock taken by ``lock``."""
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the lock across a read-check-write (keep the body free of I/O and awaits)."""
+        """``lock`` ... ``unlock`` as a context manager, for code off the request path."""
         with self._locked_fd():
             yield
 
     def read(self, name: str) -> Window:
-        """The key's windows as stored (call under ``locked``)."""
+        """The key's windows as stored (call under ``lock``)."""
         slot = self._find(name, create=True)
         return _KEY.unpack_from(self._map, self._key_offset(slot))[1:]  # type: ignore[return-value]
 
     def write(self, name: str, window: Window) -> None:
-        """Store the key's windows (call under ``locked``)."""
+        """Store the key's windows (call under ``lock``)."""
         slot = self._find(name, create=True)
         _KEY.pack_into(self._map, self._key_offset(slot), name_hash(name), *window)
 
     def in_flight(self, name: str) -> int:
-        """Requests of ``name`` in flight on every worker (call under ``locked``)."""
+        """Requests of ``name`` in flight on every worker (call under ``lock``)."""
         slot = self._find(name, create=True)
         (workers,) = _PID.unpack_from(self._map, _HIGH_WATER_AT)
         return sum(
@@ -200,7 +209,7 @@ class SharedCounters:
         )
 
     def add_in_flight(self, name: str, delta: int) -> None:
-        """Change this worker's in-flight count of ``name`` (call under ``locked``)."""
+        """Change this worker's in-flight count of ``name`` (call under ``lock``)."""
         offset = self._inflight_offset(self.worker, self._find(name, create=True))
         (count,) = _INFLIGHT.unpack_from(self._map, offset)
         _INFLIGHT.pack_into(self._map, offset, max(0, count + delta))
