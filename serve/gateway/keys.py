@@ -162,9 +162,16 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-def _new_key() -> tuple[str, str]:
+def _new_key(name: str, policy: KeyPolicy, expires_at: datetime | None, now: datetime) -> tuple[ApiKey, str]:
+    """A new key's row and its plaintext (256 random bits after the public key id)."""
     key_id = secrets.token_hex(_ID_HEX // 2)
-    return key_id, f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+    key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+    values = dataclasses.asdict(policy)
+    values["models"] = list(values["models"])
+    row = ApiKey(
+        name=name, key_id=key_id, key_hash=hash_key(key), created_at=now, expires_at=expires_at, **values
+    )
+    return row, key
 
 
 def _is_usable(row: ApiKey, now: datetime) -> bool:
@@ -213,9 +220,7 @@ class KeyStore:
             expires_at = _aware(expires_at).astimezone(UTC)
             if expires_at <= now:
                 raise KeyError_(f"expiry {expires_at:%Y-%m-%d %H:%M} UTC is in the past")
-        key_id, key = _new_key()
-        values = dataclasses.asdict(policy or KeyPolicy())
-        values["models"] = list(values["models"])
+        row, key = _new_key(name, policy or KeyPolicy(), expires_at, now)
         with Session(self.engine) as session, session.begin():
             if self._active_rows(session, name, now):
                 raise KeyError_(
@@ -223,16 +228,7 @@ class KeyStore:
                     f"secret with `make key-rotate NAME={name}`, or revoke it first "
                     f"(make key-revoke NAME={name})"
                 )
-            session.add(
-                ApiKey(
-                    name=name,
-                    key_id=key_id,
-                    key_hash=hash_key(key),
-                    created_at=now,
-                    expires_at=expires_at,
-                    **values,
-                )
-            )
+            session.add(row)
         self._loaded_at = float("-inf")
         return key
 
@@ -246,29 +242,18 @@ class KeyStore:
             KeyError_: no active key has that name.
         """
         now = datetime.now(UTC)
-        key_id, key = _new_key()
         with Session(self.engine) as session, session.begin():
             rows = self._active_rows(session, name, now)
             if not rows:
                 raise KeyError_(f"no active key named {name!r} to rotate (make key-list shows the keys)")
             newest = max(rows, key=lambda r: r.id)
-            policy = dataclasses.asdict(_policy_of(newest))
-            policy["models"] = list(policy["models"])
-            expiry = newest.expires_at  # the new secret keeps the name's own expiry, if it has one
+            # The new secret keeps the name's policy and its own expiry, if it has one.
+            new_row, key = _new_key(name, _policy_of(newest), newest.expires_at, now)
             until = now + grace
             for row in rows:
                 if row.expires_at is None or _aware(row.expires_at) > until:
                     row.expires_at = until
-            session.add(
-                ApiKey(
-                    name=name,
-                    key_id=key_id,
-                    key_hash=hash_key(key),
-                    created_at=now,
-                    expires_at=expiry,
-                    **policy,
-                )
-            )
+            session.add(new_row)
         self._loaded_at = float("-inf")
         return key
 
