@@ -445,9 +445,12 @@ def render_table(result: dict) -> str:
     cpu = [s[name]["gateway_cpu_ms_per_req"] for name in ("ns_c64", "st_c16")]
     loadgen = s["ns_c64"]["loadgen_cpu_ms_per_req"]
     code = result["code"]
-    commit = f"commit {code['commit']}" + (
-        " + uncommitted changes in serve/" if code["uncommitted_serve"] else ""
-    )
+    dirty = code["uncommitted_serve"]
+    commit = f"commit {code['commit']}"
+    if dirty:
+        commit += " + uncommitted " + (
+            ", ".join(dirty) if len(dirty) <= 3 else f"changes in {len(dirty)} files of serve/"
+        )
     if cfg["gateway_cmd"] != DEFAULT_GATEWAY_CMD:
         commit = f"gateway started by `{cfg['gateway_cmd']}`"
     lines = [
