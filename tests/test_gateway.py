@@ -391,3 +391,27 @@ def test_models_listing_does_not_reveal_server_folders(upstream, gateway_factory
         ("my", "my", "m"),
     ]
     assert "/srv/" not in json.dumps(listing) and "/home/" not in json.dumps(listing)
+
+
+@pytest.mark.parametrize(
+    ("body", "changes"),
+    [
+        (b'{"model": "m", "messages": []}', {"stream_options": {"include_usage": True}}),
+        (b'  {"model":"m","n":2}', {"max_tokens": 5, "stream_options": {"include_usage": True}}),
+        (b'{"model": "m", "max_tokens": 900}', {"max_tokens": 5}),
+        (b'{"model": "m", "chat_template_kwargs": {"x": 1}}', {"chat_template_kwargs": {"x": 1, "y": 2}}),
+    ],
+)
+def test_body_rewrites_set_exactly_the_changed_fields_and_keep_the_rest(body, changes):
+    from serve.gateway.proxy import with_fields
+
+    obj = json.loads(body)
+    rewritten = with_fields(body, obj, changes)
+    assert json.loads(rewritten) == {**obj, **changes}
+    # A field the body lacks is spliced in: the client's bytes follow unchanged (no re-encoding).
+    if not any(name in obj for name in changes):
+        assert rewritten.endswith(body.strip()[1:])
+    # No duplicate keys: a JSON reader keeping the first value would see the same request.
+    pairs: list = []
+    json.loads(rewritten, object_pairs_hook=lambda items: pairs.append([k for k, _ in items]) or dict(items))
+    assert all(len(keys) == len(set(keys)) for keys in pairs)

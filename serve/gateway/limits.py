@@ -24,6 +24,7 @@ reservation with the real usage when the request ends, and releases its in-fligh
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -97,10 +98,16 @@ class Reservation:
         return self.tokens > 0 or self.slot
 
 
+@functools.lru_cache(maxsize=8)
+def _month_of_day(day: int) -> int:
+    at = datetime.fromtimestamp(day * 86400, UTC)
+    return at.year * 12 + at.month - 1
+
+
 def windows(now: float) -> tuple[int, int, int]:
     """``(epoch minute, epoch day, year * 12 + month - 1)`` of ``now`` (epoch seconds, UTC)."""
-    month = datetime.fromtimestamp(now, UTC)
-    return int(now // 60), int(now // 86400), month.year * 12 + month.month - 1
+    day = int(now // 86400)
+    return int(now // 60), day, _month_of_day(day)
 
 
 def _month_start(month: int) -> float:
@@ -176,19 +183,18 @@ def evaluate(
 def settled(stored: Window, reservation: Reservation, used_tokens: int, now: float) -> Window:
     """``stored`` with the reservation replaced by ``used_tokens``. A window that rolled over since
     admission gets the real usage; the old window's reservation stays where it was counted."""
-    current = dict(zip(("minute", "day", "month"), windows(now), strict=True))
-    held = {"minute": reservation.minute, "day": reservation.day, "month": reservation.month}
     values = list(stored)
-    for window, at, counter in (("minute", 0, 2), ("day", 3, 4), ("month", 5, 6)):
-        if values[at] == current[window] == held[window]:
+    held = (reservation.minute, reservation.day, reservation.month)
+    for at, counter, current, reserved in zip((0, 3, 5), (2, 4, 6), windows(now), held, strict=True):
+        if values[at] == current == reserved:
             values[counter] = max(0, values[counter] + used_tokens - reservation.tokens)
-        elif values[at] == current[window]:
+        elif values[at] == current:
             values[counter] += used_tokens
         else:
-            values[at] = current[window]
+            values[at] = current
             values[counter] = used_tokens
-            if window == "minute":
-                values[1] = 0
+            if at == 0:
+                values[1] = 0  # a new minute: no request counted in it yet
     return tuple(values)  # type: ignore[return-value]
 
 

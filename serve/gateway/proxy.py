@@ -170,6 +170,20 @@ def _request_object(body: bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
+def with_fields(body: bytes, obj: dict[str, Any], changes: dict[str, Any]) -> bytes:
+    """``body`` (whose JSON object is ``obj``) with ``changes`` set at its top level.
+
+    Fields the body lacks are spliced in after its opening brace, so the rest (a long prompt, say) is
+    forwarded as the client sent it instead of being decoded and encoded again; a field the body already
+    has is replaced by encoding the whole object anew (JSON readers keep a duplicate key's last value).
+    """
+    start = body.find(b"{")
+    if not obj or start < 0 or any(name in obj for name in changes):
+        return json.dumps({**obj, **changes}).encode()
+    fields = json.dumps(changes)[1:-1].encode()
+    return body[: start + 1] + fields + b"," + body[start + 1 :]
+
+
 def rewrite(gateway: Gateway, call: Call, obj: dict[str, Any] | None) -> tuple[dict[str, Any], bool]:
     """The top-level fields to change in the request body, and whether the client wants stream usage.
 
@@ -471,7 +485,7 @@ async def forward(
             changes, wants_usage = rewrite(gateway, call, obj)
             if changes:
                 assert obj is not None
-                body = json.dumps({**obj, **changes}).encode()
+                body = with_fields(body, obj, changes)
             await admit(gateway, call, obj, len(body))
             await relay(gateway, call, scope, send, body, wants_usage)
         except GatewayError as error:

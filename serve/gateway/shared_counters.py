@@ -32,6 +32,7 @@ VERSION = 2
 _HEADER = struct.Struct("<5q")  # magic, version, key slots, worker slots, worker slots ever used
 _HIGH_WATER_AT = 32
 _KEY = struct.Struct("<8q")
+_WINDOW = struct.Struct("<7q")  # a key slot after its name hash
 _PID = struct.Struct("<q")
 _INFLIGHT = struct.Struct("<i")
 
@@ -192,12 +193,12 @@ class SharedCounters:
     def read(self, name: str) -> Window:
         """The key's windows as stored (call under ``lock``)."""
         slot = self._find(name, create=True)
-        return _KEY.unpack_from(self._map, self._key_offset(slot))[1:]  # type: ignore[return-value]
+        return _WINDOW.unpack_from(self._map, self._key_offset(slot) + 8)  # type: ignore[return-value]
 
     def write(self, name: str, window: Window) -> None:
-        """Store the key's windows (call under ``lock``)."""
+        """Store the key's windows (call under ``lock``); the slot's name hash stays as it is."""
         slot = self._find(name, create=True)
-        _KEY.pack_into(self._map, self._key_offset(slot), name_hash(name), *window)
+        _WINDOW.pack_into(self._map, self._key_offset(slot) + 8, *window)
 
     def in_flight(self, name: str) -> int:
         """Requests of ``name`` in flight on every worker (call under ``lock``)."""
