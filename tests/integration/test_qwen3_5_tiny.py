@@ -50,7 +50,8 @@ def test_anthropic_messages_and_stream_and_count_tokens(qwen3_5_tiny):
     counted = client.messages.count_tokens(model=qwen3_5_tiny.model, messages=MESSAGES)
     assert counted.input_tokens > 0
     metrics = httpx.get(qwen3_5_tiny.gateway + "/metrics").text
-    assert f'kit_gateway_tokens_total{{model="{qwen3_5_tiny.model}",type="prompt"}}' in metrics
+    counter = f'kit_gateway_tokens_total{{key="integration",model="{qwen3_5_tiny.model}",type="prompt"}}'
+    assert counter in metrics
 
 
 def test_anthropic_client_with_x_api_key_and_bad_key(qwen3_5_tiny):

@@ -69,8 +69,12 @@ def test_up_serves_through_two_workers_and_stops_everything_on_sigterm(tmp_path)
             tagged = {**headers, "x-request-id": f"up-test-{gateway_port}-{i}"}
             models = httpx.get(gateway + "/v1/models", headers=tagged).json()
             assert [m["id"] for m in models["data"]] == ["kit/qwen3_5-tiny"]
-        metrics = httpx.get(gateway + "/metrics").text
-        assert 'kit_gateway_requests_total{route="/v1/models",status="200"} 4.0' in metrics
+        # Each worker pushes its counts every 0.25 s; /metrics adds up both workers.
+        expected = 'kit_gateway_requests_total{route="/v1/models",status="200"} 4.0'
+        deadline = time.monotonic() + 5
+        while expected not in (metrics := httpx.get(gateway + "/metrics").text):
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.25)
     finally:
         up.send_signal(signal.SIGTERM)
         output, _ = up.communicate(timeout=60)
