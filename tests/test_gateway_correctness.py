@@ -243,6 +243,14 @@ def test_an_exception_escaping_the_gateway_is_a_500_in_the_api_s_error_shape(ups
     assert body["type"] == "error" and body["error"]["type"] == "api_error"
     assert "req-500" in body["error"]["message"]
     assert seen["requests"] == []
+    # The ledger cannot reach its database either: at shutdown both rows go to the spill file, marked as
+    # the gateway's own failure.
+    gateway.stop()
+    spilled = [json.loads(line) for f in keys_db.parent.glob("ledger-spill-*.jsonl") for line in f.open()]
+    assert {(r["request_id"], r["status"], r["outcome"]) for r in spilled} == {
+        (request_id, 500, "error"),
+        ("req-500", 500, "error"),
+    }
 
 
 def _hold_write_lock(keys_db: Path, hold_s: float, held: threading.Event, times: dict[str, float]) -> None:

@@ -499,6 +499,9 @@ async def forward(
         if not call.client_gone:
             raise
         task.uncancel()
+    except Exception:
+        call.outcome = "error"  # the gateway's own failure: access.py answers 500 and logs it
+        raise
     finally:
         if watcher is not None:
             watcher.cancel()
