@@ -68,7 +68,7 @@ class Denial:
         if self.never_fits:
             return (
                 f"This request reserves {self.requested} tokens (prompt estimate + max_tokens), more "
-                f"than key {name!r}'s {self.limit} of {self.value}: lower max_tokens."
+                f"than key {name!r} allows ({self.limit} of {self.value}): lower max_tokens."
             )
         if self.limit == "max_concurrent":
             return (

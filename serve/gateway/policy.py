@@ -77,7 +77,7 @@ def capped_fields(obj: dict[str, Any], route: Route, principal: Principal) -> di
                 if not policy.clamp_max_tokens:
                     raise GatewayError(
                         400,
-                        f"{field}={value} is above key {principal.name!r}'s cap of {policy.max_tokens}: "
+                        f"{field}={value} is above the cap of key {principal.name!r} ({policy.max_tokens}): "
                         f"ask for at most {policy.max_tokens}.",
                         "invalid_request_error",
                         "max_tokens_exceeded",
@@ -91,8 +91,8 @@ def capped_fields(obj: dict[str, Any], route: Route, principal: Principal) -> di
         if n is not None and n > policy.max_n:
             raise GatewayError(
                 400,
-                f"{route.n_field}={n} is above key {principal.name!r}'s cap of {policy.max_n} choices per "
-                "request.",
+                f"{route.n_field}={n} is above the cap of key {principal.name!r} ({policy.max_n} choices per "
+                "request).",
                 "invalid_request_error",
                 "n_exceeded",
                 route.n_field,
