@@ -131,7 +131,8 @@ def test_a_key_with_max_n_refuses_n_1000_before_vllm(smollm2: LiveStack):
     # Within the cap the same key's request reaches vLLM (and marks where the counter stands).
     allowed = httpx.post(
         smollm2.gateway + "/v1/chat/completions",
-        json={"model": smollm2.model, "messages": QUESTION, "n": 2, "max_tokens": 1},
+        # Several choices need sampling: cpu-demo answers greedily unless the request sets a temperature.
+        json={"model": smollm2.model, "messages": QUESTION, "n": 2, "max_tokens": 1, "temperature": 1.0},
         headers=headers,
         timeout=60,
     )
