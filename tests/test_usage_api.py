@@ -30,7 +30,7 @@ RESPONSES = (8, 5, 3, 2)
 def expected(requests: int, *tokens: tuple[int, ...]) -> dict[str, int]:
     """The ``COLUMNS`` of a usage row made of ``requests`` requests with these token counts."""
     summed = [sum(t[i] for t in tokens) for i in range(4)]
-    return dict(zip(COLUMNS, (requests, *summed), strict=True))
+    return dict(zip(COLUMNS, (requests, 0, *summed), strict=True))
 
 
 def today() -> set[str]:
@@ -170,6 +170,7 @@ def _table(out: str) -> tuple[dict[tuple[str, str], dict[str, int]], dict[str, i
         "key",
         "model",
         "requests",
+        "refused",
         "prompt",
         "completion",
         "reasoning",
@@ -219,3 +220,45 @@ def test_usage_on_a_postgres_store(serve_aiohttp, gateway_factory, postgres_url)
         time.sleep(0.05)
     assert by_key_and_model(reply) == {(name, "m"): expected(2, CHAT, CHAT)}
     assert by_key_and_model(usage(gateway, admin, f"?key={name}")) == {(name, "m"): expected(2, CHAT, CHAT)}
+
+
+def test_refused_requests_are_counted_apart_from_served_ones(tmp_path):
+    from datetime import UTC, datetime
+
+    from sqlalchemy import insert
+
+    from serve.gateway.store import LedgerRow, open_engine
+    from serve.gateway.usage_report import render_table, usage_rows
+
+    engine = open_engine(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    now = datetime.now(UTC)
+    base = dict(
+        created_at=now,
+        key_name="alice",
+        model="m",
+        route="/v1/chat/completions",
+        stream=False,
+        latency_ms=1.0,
+        prompt_tokens=0,
+        completion_tokens=0,
+        reasoning_tokens=0,
+        cached_tokens=0,
+    )
+    rows = [
+        {
+            **base,
+            "request_id": "a",
+            "status": 200,
+            "outcome": "ok",
+            "prompt_tokens": 5,
+            "completion_tokens": 7,
+        },
+        {**base, "request_id": "b", "status": 429, "outcome": "rejected"},
+        {**base, "request_id": "c", "status": 400, "outcome": "rejected"},
+        {**base, "request_id": "d", "status": 499, "outcome": "client_disconnect", "prompt_tokens": 5},
+    ]
+    with engine.begin() as connection:
+        connection.execute(insert(LedgerRow), rows)
+    [row] = usage_rows(engine, key="alice", days=1)
+    assert (row["requests"], row["refused"], row["prompt_tokens"], row["completion_tokens"]) == (2, 2, 10, 7)
+    assert "refused" in render_table([row]).splitlines()[0]

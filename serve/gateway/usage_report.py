@@ -9,12 +9,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.engine import Engine
 
 from serve.gateway.store import LedgerRow, reader
 
-COLUMNS = ("requests", "prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens")
+COLUMNS = ("requests", "refused", "prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens")
 
 
 def usage_rows(
@@ -28,8 +28,10 @@ def usage_rows(
         days: how many days back, today included (>= 1).
 
     Returns:
-        Dicts with ``date`` (YYYY-MM-DD), ``key``, ``model`` and the ``COLUMNS`` (reasoning tokens are part
-        of completion tokens, shown apart because thinking is what they cost).
+        Dicts with ``date`` (YYYY-MM-DD), ``key``, ``model`` and the ``COLUMNS``: ``requests`` served
+        (answered, failed or left), ``refused`` by the gateway (policy, limits, size), tokens (reasoning
+        tokens are part of completion tokens, shown apart because thinking is what they cost). A row
+        with no model is ``GET /v1/models`` calls.
     """
     now = now or datetime.now(UTC)
     since = datetime(now.year, now.month, now.day, tzinfo=UTC) - timedelta(days=days - 1)
@@ -39,7 +41,8 @@ def usage_rows(
             day,
             LedgerRow.key_name,
             LedgerRow.model,
-            func.count().label("requests"),
+            func.count().label("all"),
+            func.sum(case((LedgerRow.outcome == "rejected", 1), else_=0)),
             func.sum(LedgerRow.prompt_tokens),
             func.sum(LedgerRow.completion_tokens),
             func.sum(LedgerRow.reasoning_tokens),
@@ -53,15 +56,12 @@ def usage_rows(
         query = query.where(LedgerRow.key_name == key)
     with reader(engine).connect() as connection:
         rows = connection.execute(query).all()
-    return [
-        {
-            "date": str(r[0]),
-            "key": r[1],
-            "model": r[2],
-            **dict(zip(COLUMNS, (int(v or 0) for v in r[3:]), strict=True)),
-        }
-        for r in rows
-    ]
+    out = []
+    for r in rows:
+        every, refused, *tokens = (int(v or 0) for v in r[3:])
+        values = (every - refused, refused, *tokens)
+        out.append({"date": str(r[0]), "key": r[1], "model": r[2], **dict(zip(COLUMNS, values, strict=True))})
+    return out
 
 
 def totals(rows: list[dict[str, Any]]) -> dict[str, int]:
@@ -71,7 +71,7 @@ def totals(rows: list[dict[str, Any]]) -> dict[str, int]:
 
 def render_table(rows: list[dict[str, Any]]) -> str:
     """``rows`` as an aligned text table with a total line (what ``make usage`` prints)."""
-    header = ("date", "key", "model", "requests", "prompt", "completion", "reasoning", "cached")
+    header = ("date", "key", "model", "requests", "refused", "prompt", "completion", "reasoning", "cached")
     lines = [header]
     for r in rows:
         lines.append((r["date"], r["key"], str(r["model"]), *(str(r[c]) for c in COLUMNS)))
