@@ -56,7 +56,7 @@ class GatewayApp:
     def __init__(self, gateway: Gateway, admin: ASGIApp) -> None:
         self.gateway = gateway
         self.admin = admin
-        self.routes: dict[str, Route] = {r.path: r for r in ROUTES}
+        self.routes: dict[str, Route] = {r.path: r for r in (*ROUTES, _USAGE_ROUTE)}
         self.access_log: list[str] = []
 
     def flush(self) -> None:
@@ -75,8 +75,6 @@ class GatewayApp:
         request_id = request_id_of(scope)
         path = scope["path"]
         route = self.routes.get(path)
-        if path == USAGE_PATH:
-            route = _USAGE_ROUTE
         state: dict[str, Any] = {"status": 500, "bytes": 0, "started": False}
         id_header = (b"x-request-id", request_id.encode())
 

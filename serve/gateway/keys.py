@@ -206,6 +206,13 @@ class KeyStore:
         rows = session.scalars(select(ApiKey).where(ApiKey.name == name, ApiKey.revoked_at.is_(None))).all()
         return [r for r in rows if _is_usable(r, now)]
 
+    def _existing_rows(self, session: Session, name: str, now: datetime, doing: str = "") -> list[ApiKey]:
+        """The active rows of ``name``; raises ``KeyError_`` when there are none."""
+        rows = self._active_rows(session, name, now)
+        if not rows:
+            raise KeyError_(f"no active key named {name!r}{doing} (make key-list shows the keys)")
+        return rows
+
     def create(self, name: str, policy: KeyPolicy | None = None, expires_at: datetime | None = None) -> str:
         """Create a key called ``name`` and return its plaintext, the only time it is ever available.
 
@@ -243,9 +250,7 @@ class KeyStore:
         """
         now = datetime.now(UTC)
         with Session(self.engine) as session, session.begin():
-            rows = self._active_rows(session, name, now)
-            if not rows:
-                raise KeyError_(f"no active key named {name!r} to rotate (make key-list shows the keys)")
+            rows = self._existing_rows(session, name, now, " to rotate")
             newest = max(rows, key=lambda r: r.id)
             # The new secret keeps the name's policy and its own expiry, if it has one.
             new_row, key = _new_key(name, _policy_of(newest), newest.expires_at, now)
@@ -274,9 +279,7 @@ class KeyStore:
         """
         now = datetime.now(UTC)
         with Session(self.engine) as session, session.begin():
-            rows = self._active_rows(session, name, now)
-            if not rows:
-                raise KeyError_(f"no active key named {name!r} (make key-list shows the keys)")
+            rows = self._existing_rows(session, name, now)
             for row in rows:
                 row.revoked_at = now
         self._loaded_at = float("-inf")
@@ -294,9 +297,7 @@ class KeyStore:
             changes["models"] = list(changes["models"])
         now = datetime.now(UTC)
         with Session(self.engine) as session, session.begin():
-            rows = self._active_rows(session, name, now)
-            if not rows:
-                raise KeyError_(f"no active key named {name!r} (make key-list shows the keys)")
+            rows = self._existing_rows(session, name, now)
             ids = [r.id for r in rows]
             session.execute(update(ApiKey).where(ApiKey.id.in_(ids)).values(**changes))
         self._loaded_at = float("-inf")

@@ -133,12 +133,6 @@ def reader(engine: Engine) -> Engine:
     return engine.execution_options(**{_READ_ONLY: True})
 
 
-def database_url(keys_db: Path, url: str | None) -> str:
-    """The SQLAlchemy URL: ``url`` when given (e.g. ``postgresql+psycopg://user@host/db``), else the
-    SQLite file ``keys_db``."""
-    return url or f"sqlite:///{keys_db}"
-
-
 def _sqlite_path(url: str) -> Path | None:
     return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
 
