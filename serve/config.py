@@ -122,7 +122,11 @@ class VllmArgs(_Strict):
     root. Default ``state/run/vllm.sock`` unless the profile sets ``host`` or ``port``; its folder is
     made mode 0700, so only the service's user reaches vLLM. ``uds: null`` (or a ``host``/``port``)
     serves on loopback TCP instead, where every local user can call vLLM and its unguarded routes."""
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    dtype: Literal["auto", "auto-cpu", "bfloat16", "float16", "float32"] = "auto"
+    """vLLM's ``--dtype``, or the kit's ``auto-cpu`` (cpu profiles only): bfloat16 where this CPU computes
+    bf16 natively on an instruction set the profile's ``cpu_bf16_isas`` trusts, float32 everywhere else.
+    Decided when the command is rendered (``serve.render.choose_cpu_dtype``), which prints why.
+    ``--set vllm.dtype=bfloat16`` (or float32) overrides it."""
     quantization: str | None = None
     tensor_parallel_size: int = Field(default=1, ge=1)
     pipeline_parallel_size: int = Field(default=1, ge=1)
@@ -232,6 +236,10 @@ def adapter_rank(adapter_config: dict[str, Any]) -> int:
     return max(ranks)
 
 
+CpuBf16Isa = Literal["amx_bf16", "avx512_bf16"]
+"""The ``/proc/cpuinfo`` flags of native bf16 arithmetic on x86-64 CPUs (Intel AMX tiles; AVX512-BF16)."""
+
+
 class ServeProfile(_Strict):
     """One way to serve one model on one kind of machine (``configs/serve/<name>.yaml``)."""
 
@@ -246,9 +254,22 @@ class ServeProfile(_Strict):
     """Extra environment for the vLLM process (e.g. ``VLLM_CPU_OMP_THREADS_BIND``)."""
     startup_timeout_s: float = Field(default=900, gt=0)
     """How long ``make up`` waits for the engine to answer its first request."""
+    cpu_bf16_isas: list[CpuBf16Isa] = Field(default_factory=lambda: ["avx512_bf16"])
+    """For ``vllm.dtype: auto-cpu``: the bf16 instruction sets whose bf16 output is trusted on this vLLM
+    build. The CPU's best one counts (``amx_bf16`` where present, else ``avx512_bf16``): vllm-cpu's
+    kernels use AMX when the CPU has it. Default ``[avx512_bf16]``, from measurements with vllm-cpu
+    0.32.0 in eager mode: SmolLM2 in bf16 answered "The capital of France is Paris." on an AMD EPYC with
+    avx512_bf16 and no AMX (shared/reference/vllm-cpu.md, 2026-11-29), and fluent garbage on a CPU with
+    amx_bf16 (commit 472977b, 2026-12-01); without either flag bf16 is emulated and float32 was 4.3x
+    faster. Add ``amx_bf16`` once a vLLM build answers correctly in bf16 on an AMX CPU."""
 
     @model_validator(mode="after")
     def _cpu_rules(self) -> ServeProfile:
+        if self.vllm.dtype == "auto-cpu" and self.vllm_build != "cpu":
+            raise ValueError(
+                "vllm.dtype auto-cpu chooses a dtype from the CPU's features and is for cpu profiles only; "
+                "a cuda profile sets auto, bfloat16, float16 or float32"
+            )
         if self.vllm_build == "cpu":
             # Measured: SmolLM2 in bf16 under vllm-cpu's default torch.compile mode answered garbage;
             # --enforce-eager answered correctly (shared/reference/vllm-cpu.md).

