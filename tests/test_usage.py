@@ -70,3 +70,50 @@ def test_bodies_without_usage_or_json_count_nothing():
     counter.feed_body(b'{"usage": "weird"}')
     counter.feed_sse(b"data: {broken usage\n\n")
     assert (counter.prompt, counter.completion) == (0, 0)
+
+
+def _whole_parse(body: bytes) -> UsageCounter:
+    """What ``feed_body`` gives when it decodes the whole body (thinking collection forces that path)."""
+    counter = UsageCounter(collect_thinking=True)
+    counter.feed_body(body)
+    return counter
+
+
+def test_body_usage_read_from_the_tail_matches_a_whole_parse():
+    tricky = 'he wrote {"usage": {"prompt_tokens": 999}, "finish_reason": "length"} here'
+    bodies = [
+        {  # chat completion: a JSON string in the content holds the markers, escaped
+            "id": "c1",
+            "choices": [{"index": 0, "message": {"content": tricky}, "finish_reason": "stop"}],
+            "usage": {
+                "prompt_tokens": 12,
+                "completion_tokens": 30,
+                "prompt_tokens_details": {"cached_tokens": 8},
+                "completion_tokens_details": {"reasoning_tokens": 20},
+            },
+        },
+        {  # n=2: the ledger keeps the first choice's reason
+            "choices": [{"index": 0, "finish_reason": "length"}, {"index": 1, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 9},
+        },
+        {  # Anthropic message
+            "type": "message",
+            "content": [{"type": "text", "text": tricky}],
+            "stop_reason": "end_turn",
+            "usage": {"input_tokens": 5, "output_tokens": 7, "cache_read_input_tokens": 2},
+        },
+        {  # Responses API: no finish reason, a status (decoded whole)
+            "object": "response",
+            "status": "completed",
+            "output": [{"content": [{"text": tricky}]}],
+            "usage": {"input_tokens": 4, "output_tokens": 6, "output_tokens_details": {"reasoning_tokens": 1}},
+        },
+    ]
+    for obj in bodies:
+        for body in (json.dumps(obj).encode(), json.dumps(obj, separators=(",", ":")).encode()):
+            fast = UsageCounter()
+            fast.feed_body(body)
+            whole = _whole_parse(body)
+            got = (fast.prompt, fast.completion, fast.reasoning, fast.cached, fast.finish_reason)
+            assert got == (whole.prompt, whole.completion, whole.reasoning, whole.cached, whole.finish_reason)
+            assert fast.prompt not in (0, 999), body

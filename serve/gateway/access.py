@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +26,7 @@ from serve.gateway.proxy import Call, Gateway
 from serve.gateway.routes import ROUTES, USAGE_PATH, Route
 from serve.gateway.usage_api import serve_usage
 
+_quoted = json.encoder.encode_basestring  # type: ignore[attr-defined]
 logger = logging.getLogger(ACCESS_LOGGER)
 errors = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def request_id_of(scope: Scope) -> str:
             if _SAFE_ID.fullmatch(candidate):
                 return candidate
             break
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 class GatewayApp:
@@ -75,6 +76,11 @@ class GatewayApp:
         request_id = request_id_of(scope)
         path = scope["path"]
         route = self.routes.get(path)
+        if route is not None and route is not _USAGE_ROUTE and scope["method"] == route.method:
+            await self._forward(
+                route, scope, receive, send, Call(request_id, route, start, datetime.now(UTC))
+            )
+            return
         state: dict[str, Any] = {"status": 500, "bytes": 0, "started": False}
         id_header = (b"x-request-id", request_id.encode())
 
@@ -91,12 +97,9 @@ class GatewayApp:
         metrics = self.gateway.metrics
         metrics.in_flight_now += 1
         try:
-            if route is not None and scope["method"] == route.method:
+            if route is _USAGE_ROUTE and scope["method"] == route.method:
                 call = Call(request_id, route, start, datetime.now(UTC))
-                if route is _USAGE_ROUTE:
-                    await serve_usage(self.gateway, call, scope, send_with_id)
-                else:
-                    await proxy.forward(self.gateway, route, scope, receive, send_with_id, call)
+                await serve_usage(self.gateway, call, scope, send_with_id)
             elif route is not None:
                 error = GatewayError(
                     405, f"Method {scope['method']} is not allowed on {path}.", code="method_not_allowed"
@@ -114,19 +117,50 @@ class GatewayApp:
             elapsed = time.perf_counter() - start
             label = path if route is not None or path in _OWN_PATHS else "other"
             metrics.request_done(label, state["status"], elapsed)
-            principal = call.principal if call is not None else None
-            self.access_log.append(
-                json.dumps(
-                    {
-                        "request_id": request_id,
-                        "method": scope["method"],
-                        "path": label if label != "other" else path[:200],
-                        "status": state["status"],
-                        "duration_ms": round(elapsed * 1000, 2),
-                        "bytes": state["bytes"],
-                        "key": principal.name if principal else None,
-                        "model": call.model if call is not None else None,
-                        "stream": call.stream if call is not None else None,
-                    }
-                )
+            self._log(
+                request_id,
+                scope["method"],
+                label if label != "other" else path[:200],
+                state["status"],
+                elapsed,
+                state["bytes"],
+                call,
             )
+
+    async def _forward(self, route: Route, scope: Scope, receive: Receive, send: Send, call: Call) -> None:
+        """A pass-through request: ``proxy.forward`` adds the request id to what it sends itself."""
+        metrics = self.gateway.metrics
+        metrics.in_flight_now += 1
+        try:
+            await proxy.forward(self.gateway, route, scope, receive, send, call)
+        except Exception:
+            errors.exception("request %s failed", call.request_id)
+            if not call.response_started:
+                call.status = 500
+                await send_error(send, route.api, internal(call.request_id), call.id_header)
+        finally:
+            metrics.in_flight_now -= 1
+            elapsed = time.perf_counter() - call.start
+            metrics.request_done(route.path, call.status, elapsed)
+            self._log(call.request_id, route.method, route.path, call.status, elapsed, call.sent_bytes, call)
+
+    def _log(
+        self,
+        request_id: str,
+        method: str,
+        path: str,
+        status: int,
+        elapsed: float,
+        sent: int,
+        call: Call | None,
+    ) -> None:
+        """Queue the access-log line (JSON; the id and method are safe as they are, the rest is escaped)."""
+        principal = call.principal if call is not None else None
+        key = _quoted(principal.name) if principal is not None else "null"
+        model = _quoted(call.model) if call is not None and call.model is not None else "null"
+        stream = ("true" if call.stream else "false") if call is not None else "null"
+        self.access_log.append(
+            f'{{"request_id": "{request_id}", "method": {_quoted(method)}, "path": {_quoted(path)}, '
+            f'"status": {status}, "duration_ms": {round(elapsed * 1000, 2)}, "bytes": {sent}, '
+            f'"key": {key}, "model": {model}, "stream": {stream}}}'
+        )

@@ -65,10 +65,11 @@ def error_body(
     return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
 
 
-async def send_error(send: Send, api: str, error: GatewayError) -> None:
-    """Answer ``error`` on an ASGI ``send`` in ``api``'s shape."""
+async def send_error(send: Send, api: str, error: GatewayError, *extra: tuple[bytes, bytes]) -> None:
+    """Answer ``error`` on an ASGI ``send`` in ``api``'s shape, with the ``extra`` headers."""
     headers = [(b"content-type", b"application/json")]
     headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()]
+    headers.extend(extra)
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": error.body(api), "more_body": False})
 

@@ -75,7 +75,7 @@ class KeyPolicy:
 
     def allows(self, model: str) -> bool:
         """Whether ``model`` matches one of ``models``."""
-        return any(pattern == "*" or fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+        return "*" in self.models or any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
 
     @property
     def limited(self) -> bool:

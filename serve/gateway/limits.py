@@ -28,6 +28,7 @@ import functools
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
@@ -81,9 +82,8 @@ class Denial:
         )
 
 
-@dataclass(frozen=True)
-class Reservation:
-    """What an admitted request holds until ``settle``."""
+class Reservation(NamedTuple):
+    """What an admitted request holds until ``settle`` (a tuple: one is made per request)."""
 
     name: str
     request_id: str
@@ -110,6 +110,7 @@ def windows(now: float) -> tuple[int, int, int]:
     return int(now // 60), day, _month_of_day(day)
 
 
+@functools.lru_cache(maxsize=8)
 def _month_start(month: int) -> float:
     return datetime(month // 12, month % 12 + 1, 1, tzinfo=UTC).timestamp()
 
@@ -165,16 +166,15 @@ def evaluate(
         day_tok = 0
     if old_month != month:
         month_tok = 0
-    next_minute = (minute + 1) * 60.0
-    checks = (
-        ("rpm", policy.rpm, req, 1, next_minute),
-        ("tpm", policy.tpm, tok, tokens, next_minute),
-        ("budget_day", policy.budget_day, day_tok, tokens, (day + 1) * 86400.0),
-        ("budget_month", policy.budget_month, month_tok, tokens, _month_start(month + 1)),
-    )
-    for limit, value, used, needed, resets in checks:
-        if value is not None and used + needed > value:
-            return Denial(limit, value, used, needed, resets), stored
+    # Checked in this order; the reset time is only worked out for a refusal.
+    if policy.rpm is not None and req + 1 > policy.rpm:
+        return Denial("rpm", policy.rpm, req, 1, (minute + 1) * 60.0), stored
+    if policy.tpm is not None and tok + tokens > policy.tpm:
+        return Denial("tpm", policy.tpm, tok, tokens, (minute + 1) * 60.0), stored
+    if policy.budget_day is not None and day_tok + tokens > policy.budget_day:
+        return Denial("budget_day", policy.budget_day, day_tok, tokens, (day + 1) * 86400.0), stored
+    if policy.budget_month is not None and month_tok + tokens > policy.budget_month:
+        return Denial("budget_month", policy.budget_month, month_tok, tokens, _month_start(month + 1)), stored
     if policy.max_concurrent is not None and running >= policy.max_concurrent:
         return Denial("max_concurrent", policy.max_concurrent, running, 1, now + 1), stored
     return None, (minute, req + 1, tok + tokens, day, day_tok + tokens, month, month_tok + tokens)
@@ -183,19 +183,22 @@ def evaluate(
 def settled(stored: Window, reservation: Reservation, used_tokens: int, now: float) -> Window:
     """``stored`` with the reservation replaced by ``used_tokens``. A window that rolled over since
     admission gets the real usage; the old window's reservation stays where it was counted."""
-    values = list(stored)
-    held = (reservation.minute, reservation.day, reservation.month)
-    for at, counter, current, reserved in zip((0, 3, 5), (2, 4, 6), windows(now), held, strict=True):
-        if values[at] == current == reserved:
-            values[counter] = max(0, values[counter] + used_tokens - reservation.tokens)
-        elif values[at] == current:
-            values[counter] += used_tokens
-        else:
-            values[at] = current
-            values[counter] = used_tokens
-            if at == 0:
-                values[1] = 0  # a new minute: no request counted in it yet
-    return tuple(values)  # type: ignore[return-value]
+    minute, day, month = windows(now)
+    old_minute, req, tok, old_day, day_tok, old_month, month_tok = stored
+    change = used_tokens - reservation.tokens
+    if old_minute != minute:
+        req, tok = 0, used_tokens  # a new minute: no request counted in it yet
+    else:
+        tok = max(0, tok + change) if minute == reservation.minute else tok + used_tokens
+    if old_day != day:
+        day_tok = used_tokens
+    else:
+        day_tok = max(0, day_tok + change) if day == reservation.day else day_tok + used_tokens
+    if old_month != month:
+        month_tok = used_tokens
+    else:
+        month_tok = max(0, month_tok + change) if month == reservation.month else month_tok + used_tokens
+    return (minute, req, tok, day, day_tok, month, month_tok)
 
 
 class LocalLimiter:
@@ -204,6 +207,8 @@ class LocalLimiter:
     Args:
         counters: the attached shared counters.
     """
+
+    on_loop = True  # admit / settle are fast enough to call on the event loop
 
     def __init__(self, counters: SharedCounters) -> None:
         self.counters = counters
@@ -216,15 +221,16 @@ class LocalLimiter:
         tokens = tokens if counts_tokens(policy) else 0
         slot = policy.max_concurrent is not None
         counters = self.counters
+        at, mine, index = counters.offsets(name)
         counters.lock()
         try:
-            running = counters.in_flight(name) if slot else 0
-            denial, window = evaluate(counters.read(name), policy, tokens, running, now)
+            running = counters.in_flight_of(index) if slot else 0
+            denial, window = evaluate(counters.read_at(at), policy, tokens, running, now)
             if denial is not None:
                 return denial
-            counters.write(name, window)
+            counters.write_at(at, window)
             if slot:
-                counters.add_in_flight(name, 1)
+                counters.add_in_flight_at(mine, 1)
         finally:
             counters.unlock()
         return Reservation(name, request_id, tokens, window[0], window[3], window[5], slot)
@@ -235,13 +241,13 @@ class LocalLimiter:
             return
         now = time.time() if now is None else now
         counters = self.counters
+        at, mine, _ = counters.offsets(reservation.name)
         counters.lock()
         try:
             if reservation.tokens or used_tokens:
-                stored = counters.read(reservation.name)
-                counters.write(reservation.name, settled(stored, reservation, used_tokens, now))
+                counters.write_at(at, settled(counters.read_at(at), reservation, used_tokens, now))
             if reservation.slot:
-                counters.add_in_flight(reservation.name, -1)
+                counters.add_in_flight_at(mine, -1)
         finally:
             counters.unlock()
 
@@ -264,6 +270,8 @@ class Limiter:
         in_flight_ttl_s: how long an in-flight slot counts if its worker dies before releasing it (the
             longest a request may run).
     """
+
+    on_loop = False  # a database round trip: admit_async / settle_async run it in a thread
 
     def __init__(self, engine: Engine, in_flight_ttl_s: float) -> None:
         self.engine = engine

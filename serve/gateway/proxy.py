@@ -5,9 +5,10 @@ body is parsed at most once (only to learn ``model``, ``stream`` and the fields 
 upstream bytes are forwarded as they arrive, never re-encoded (the one exception: the usage-only chunk
 the gateway asked vLLM for is dropped when the client did not ask for it).
 
-A watcher task waits for the client to leave; when it does before the answer is complete, the request's
-task is cancelled, which closes the upstream connection, and vLLM aborts the generation (streamed or
-not).
+Once a request has run for ``WATCH_AFTER_S``, a watcher task waits for the client to leave; when it does
+before the answer is complete, the request's task is cancelled, which closes the upstream connection, and
+vLLM aborts the generation (streamed or not). Requests answered sooner never start one: a task per
+request would cost more than everything else the gateway adds (see the README's "Gateway speed").
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import aiohttp
 from sqlalchemy.engine import Engine
 from starlette.types import Message, Receive, Scope, Send
+from yarl import URL
 
 from serve.gateway import policy
 from serve.gateway.errors import (
@@ -38,7 +40,7 @@ from serve.gateway.keys import KeyCache, Principal
 from serve.gateway.ledger import LedgerWriter
 from serve.gateway.limits import Denial, Limiter, LocalLimiter, Reservation
 from serve.gateway.metrics import GatewayMetrics
-from serve.gateway.routes import Route
+from serve.gateway.routes import ROUTES, Route
 from serve.gateway.settings import GatewaySettings
 from serve.gateway.usage import UsageChunkFilter, UsageCounter
 
@@ -48,21 +50,24 @@ _FORWARD_REQUEST_HEADERS = frozenset({b"content-type", b"accept", b"anthropic-ve
 # Hop-by-hop headers (RFC 9110 section 7.6.1) and those the gateway's server sets itself.
 _DROP_RESPONSE_HEADERS = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "date",
-        "server",
-        "x-request-id",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"date",
+        b"server",
+        b"x-request-id",
     }
 )
 _SSE = "text/event-stream"
+WATCH_AFTER_S = 0.05
+"""How long a request runs before a task starts watching for its client to leave (a generation on the
+model takes longer than this; a client that left sooner is noticed now)."""
 
 
 @dataclass
@@ -77,10 +82,13 @@ class Gateway:
     engine: Engine
     session: aiohttp.ClientSession | None = None
     upstream_headers: dict[str, str] = field(default_factory=dict)
+    upstream_base: str = field(init=False)
+    urls: dict[str, URL] = field(init=False)
 
-    @property
-    def upstream_base(self) -> str:
-        return self.settings.upstream_base
+    def __post_init__(self) -> None:
+        # Parsed once: aiohttp would parse a URL string on every request.
+        self.upstream_base = self.settings.upstream_base
+        self.urls = {route.path: URL(self.upstream_base + route.path) for route in ROUTES}
 
 
 class ClientGone(Exception):
@@ -106,6 +114,13 @@ class Call:
     settled: bool = False
     finished: bool = False  # the last byte is being sent: a disconnect now is not a client leaving
     client_gone: bool = False
+    response_started: bool = False
+    sent_bytes: int = 0
+
+    @property
+    def id_header(self) -> tuple[bytes, bytes]:
+        """The ``x-request-id`` response header."""
+        return (b"x-request-id", self.request_id.encode())
 
 
 def presented_key(scope: Scope) -> str | None:
@@ -225,7 +240,11 @@ async def admit(gateway: Gateway, call: Call, obj: dict[str, Any] | None, body_b
     if not call.route.generates or not principal.policy.limited:
         return
     tokens = policy.output_reservation(obj, call.route, body_bytes, gateway.settings.unreserved_output_tokens)
-    result = await gateway.limiter.admit_async(principal.name, principal.policy, call.request_id, tokens)
+    limiter = gateway.limiter
+    if limiter.on_loop:
+        result = limiter.admit(principal.name, principal.policy, call.request_id, tokens)
+    else:
+        result = await limiter.admit_async(principal.name, principal.policy, call.request_id, tokens)
     if isinstance(result, Denial):
         now = time.time()
         gateway.metrics.rate_limited.labels(principal.name, result.limit).inc()
@@ -256,20 +275,25 @@ async def settle(gateway: Gateway, call: Call) -> None:
         return
     call.settled = True
     try:
-        await gateway.limiter.settle_async(call.reservation, call.usage.total)
+        if gateway.limiter.on_loop:
+            gateway.limiter.settle(call.reservation, call.usage.total)
+        else:
+            await gateway.limiter.settle_async(call.reservation, call.usage.total)
     except Exception:
         logger.exception("settling the limits of request %s failed", call.request_id)
 
 
 def _response_headers(
-    upstream: aiohttp.ClientResponse, extra: list[tuple[bytes, bytes]]
+    upstream: aiohttp.ClientResponse, *extra: tuple[bytes, bytes]
 ) -> list[tuple[bytes, bytes]]:
+    """The upstream's headers a client needs (hop-by-hop and server-set ones dropped), then ``extra``."""
     headers = [
-        (name.lower().encode("latin-1"), value.encode("latin-1"))
-        for name, value in upstream.headers.items()
-        if name.lower() not in _DROP_RESPONSE_HEADERS
+        (lowered, value)
+        for name, value in upstream.raw_headers
+        if (lowered := name.lower()) not in _DROP_RESPONSE_HEADERS
     ]
-    return headers + extra
+    headers.extend(extra)
+    return headers
 
 
 def filtered_listing(payload: bytes, principal: Principal) -> bytes:
@@ -314,9 +338,9 @@ async def relay(
     headers.update(gateway.upstream_headers)
     headers["x-request-id"] = call.request_id  # vLLM's logs and request ids join ours
     headers["accept-encoding"] = "identity"  # bytes are relayed as they are: never ask for compression
-    url = gateway.upstream_base + route.path
+    url: URL | str = gateway.urls[route.path]
     if scope.get("query_string"):
-        url += "?" + scope["query_string"].decode("latin-1")
+        url = gateway.upstream_base + route.path + "?" + scope["query_string"].decode("latin-1")
     assert gateway.session is not None, "the upstream session opens in the app's lifespan"
     try:
         upstream = await gateway.session.request(route.method, url, data=body or None, headers=headers)
@@ -356,8 +380,10 @@ async def _relay_whole(gateway: Gateway, call: Call, upstream: aiohttp.ClientRes
             payload = filtered_listing(payload, call.principal)
     call.outcome = "ok"
     await settle(gateway, call)
-    headers = _response_headers(upstream, [(b"content-length", str(len(payload)).encode())])
+    headers = _response_headers(upstream, (b"content-length", str(len(payload)).encode()), call.id_header)
     call.finished = True
+    call.response_started = True
+    call.sent_bytes = len(payload)
     await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
     await send({"type": "http.response.body", "body": payload, "more_body": False})
 
@@ -367,8 +393,13 @@ async def _relay_stream(
 ) -> None:
     usage = call.usage
     strip = None if wants_usage else UsageChunkFilter()
+    call.response_started = True
     await send(
-        {"type": "http.response.start", "status": upstream.status, "headers": _response_headers(upstream, [])}
+        {
+            "type": "http.response.start",
+            "status": upstream.status,
+            "headers": _response_headers(upstream, call.id_header),
+        }
     )
     tail = b""
     try:
@@ -378,6 +409,7 @@ async def _relay_stream(
             usage.feed_sse(chunk)
             out = strip.feed(chunk) if strip is not None else chunk
             if out:
+                call.sent_bytes += len(out)
                 await send({"type": "http.response.body", "body": out, "more_body": True})
         call.outcome = "ok"
         if strip is not None:
@@ -391,6 +423,7 @@ async def _relay_stream(
         )
     await settle(gateway, call)
     call.finished = True
+    call.sent_bytes += len(tail)
     await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
@@ -403,6 +436,27 @@ async def watch_disconnect(receive: Receive, call: Call, task: asyncio.Task[Any]
     if not call.finished:
         call.client_gone = True
         task.cancel()
+
+
+class DisconnectWatch:
+    """Runs ``watch_disconnect`` for a request once it has run for ``after_s`` seconds (call after the
+    body is read: the watcher takes over ``receive``), until ``stop``."""
+
+    __slots__ = ("_args", "_handle", "_watcher")
+
+    def __init__(self, receive: Receive, call: Call, task: asyncio.Task[Any], after_s: float) -> None:
+        self._args = (receive, call, task)
+        self._watcher: asyncio.Task[None] | None = None
+        self._handle = task.get_loop().call_later(after_s, self._start)
+
+    def _start(self) -> None:
+        self._watcher = asyncio.ensure_future(watch_disconnect(*self._args))
+
+    def stop(self) -> None:
+        """Stop watching (the request is over)."""
+        self._handle.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
 
 
 async def count_reasoning(gateway: Gateway, call: Call) -> None:
@@ -470,12 +524,12 @@ async def forward(
     """
     task = asyncio.current_task()
     assert task is not None
-    watcher: asyncio.Task[None] | None = None
+    watch: DisconnectWatch | None = None
     try:
         try:
             call.principal = await authenticate(gateway, scope)
             body = await read_body(receive, scope, gateway.settings.max_body_bytes)
-            watcher = asyncio.ensure_future(watch_disconnect(receive, call, task))
+            watch = DisconnectWatch(receive, call, task, WATCH_AFTER_S)
             obj = _request_object(body)
             if obj is not None:
                 model = obj.get("model")
@@ -492,7 +546,8 @@ async def forward(
             call.status = error.status
             call.outcome = "upstream_error" if error.status in (503, 504) else "rejected"
             call.finished = True
-            await send_error(send, route.api, error)
+            call.response_started = True
+            await send_error(send, route.api, error, call.id_header)
         except ClientGone:
             call.client_gone = True
     except asyncio.CancelledError:
@@ -503,8 +558,8 @@ async def forward(
         call.outcome = "error"  # the gateway's own failure: access.py answers 500 and logs it
         raise
     finally:
-        if watcher is not None:
-            watcher.cancel()
+        if watch is not None:
+            watch.stop()
         if call.client_gone:
             call.outcome = "client_disconnect"
             call.status = 499  # nginx's "client closed request": what the ledger shows for it

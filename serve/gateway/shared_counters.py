@@ -82,6 +82,7 @@ class SharedCounters:
         size = self._inflight_at + worker_slots * key_slots * _INFLIGHT.size
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self._slot_of: dict[str, int] = {}
+        self._offsets: dict[str, tuple[int, int, int]] = {}
         with self._locked_fd():
             fresh = os.fstat(self._fd).st_size < size
             if fresh:
@@ -190,30 +191,54 @@ class SharedCounters:
         with self._locked_fd():
             yield
 
-    def read(self, name: str) -> Window:
-        """The key's windows as stored (call under ``lock``)."""
-        slot = self._find(name, create=True)
-        return _WINDOW.unpack_from(self._map, self._key_offset(slot) + 8)  # type: ignore[return-value]
+    def offsets(self, name: str) -> tuple[int, int, int]:
+        """``(windows offset, this worker's in-flight offset, key slot)`` of ``name``, for the ``*_at``
+        operations (found once per name, then remembered: slots never move)."""
+        cached = self._offsets.get(name)
+        if cached is None:
+            slot = self._find(name, create=True)
+            cached = (self._key_offset(slot) + 8, self._inflight_offset(self.worker, slot), slot)
+            self._offsets[name] = cached
+        return cached
 
-    def write(self, name: str, window: Window) -> None:
-        """Store the key's windows (call under ``lock``); the slot's name hash stays as it is."""
-        slot = self._find(name, create=True)
-        _WINDOW.pack_into(self._map, self._key_offset(slot) + 8, *window)
+    def read_at(self, at: int) -> Window:
+        """The windows stored at offset ``at`` (call under ``lock``)."""
+        return _WINDOW.unpack_from(self._map, at)  # type: ignore[return-value]
 
-    def in_flight(self, name: str) -> int:
-        """Requests of ``name`` in flight on every worker (call under ``lock``)."""
-        slot = self._find(name, create=True)
+    def write_at(self, at: int, window: Window) -> None:
+        """Store windows at offset ``at`` (call under ``lock``)."""
+        _WINDOW.pack_into(self._map, at, *window)
+
+    def in_flight_of(self, slot: int) -> int:
+        """Requests of key ``slot`` in flight on every worker (call under ``lock``)."""
         (workers,) = _PID.unpack_from(self._map, _HIGH_WATER_AT)
+        if workers == 1:
+            return _INFLIGHT.unpack_from(self._map, self._inflight_offset(0, slot))[0]  # type: ignore[no-any-return]
         return sum(
             _INFLIGHT.unpack_from(self._map, self._inflight_offset(worker, slot))[0]
             for worker in range(workers)
         )
 
+    def add_in_flight_at(self, at: int, delta: int) -> None:
+        """Change the in-flight count at offset ``at`` (this worker's; call under ``lock``)."""
+        (count,) = _INFLIGHT.unpack_from(self._map, at)
+        _INFLIGHT.pack_into(self._map, at, max(0, count + delta))
+
+    def read(self, name: str) -> Window:
+        """The key's windows as stored (call under ``lock``)."""
+        return self.read_at(self.offsets(name)[0])
+
+    def write(self, name: str, window: Window) -> None:
+        """Store the key's windows (call under ``lock``); the slot's name hash stays as it is."""
+        self.write_at(self.offsets(name)[0], window)
+
+    def in_flight(self, name: str) -> int:
+        """Requests of ``name`` in flight on every worker (call under ``lock``)."""
+        return self.in_flight_of(self.offsets(name)[2])
+
     def add_in_flight(self, name: str, delta: int) -> None:
         """Change this worker's in-flight count of ``name`` (call under ``lock``)."""
-        offset = self._inflight_offset(self.worker, self._find(name, create=True))
-        (count,) = _INFLIGHT.unpack_from(self._map, offset)
-        _INFLIGHT.pack_into(self._map, offset, max(0, count + delta))
+        self.add_in_flight_at(self.offsets(name)[1], delta)
 
     def close(self) -> None:
         """Give the worker slot back and unmap."""

@@ -22,6 +22,8 @@ _MARKER = b'"usage"'
 _FINISH = re.compile(rb'"(?:finish_reason|stop_reason)":\s*"([A-Za-z_]{1,32})"')
 _THINKING = b'"thinking_delta"'
 _USAGE_ONLY = re.compile(rb'"choices":\s*\[\s*\]')
+_COLON = re.compile(rb"\s*:\s*")
+_DECODER = json.JSONDecoder()
 
 
 def _int(value: Any) -> int | None:
@@ -111,8 +113,15 @@ class UsageCounter:
                 self.reasoning_text.append(str(block.get("thinking", "")))
 
     def feed_body(self, body: bytes) -> None:
-        """Take usage from a whole non-streamed JSON body (ignores bodies that are not JSON)."""
+        """Take usage from a whole non-streamed JSON body (ignores bodies that are not JSON).
+
+        Where the body has a finish or stop reason, only its last ``"usage"`` object is decoded (the
+        top-level one: a quote inside a string value is escaped, so the marker cannot match there);
+        otherwise (a Responses API body: its status, or thinking text to collect) the whole body is.
+        """
         if _MARKER not in body and not self.collect_thinking:
+            return
+        if not self.collect_thinking and self._feed_usage_tail(body):
             return
         try:
             obj = json.loads(body)
@@ -126,6 +135,23 @@ class UsageCounter:
                 reason = choices[0].get("finish_reason")
             if isinstance(reason, str):
                 self.finish_reason = reason
+
+    def _feed_usage_tail(self, body: bytes) -> bool:
+        found = _FINISH.search(body)
+        if found is None:
+            return False
+        at = body.rfind(_MARKER)
+        colon = _COLON.match(body, at + len(_MARKER))
+        if colon is None:
+            return False
+        try:
+            usage, _ = _DECODER.raw_decode(body[colon.end() :].decode())
+        except ValueError:
+            return False
+        if isinstance(usage, dict):
+            self._take(usage)
+        self.finish_reason = found.group(1).decode()
+        return True
 
     def feed_sse(self, chunk: bytes) -> None:
         """Take usage from a piece of an SSE stream; pieces may split events anywhere.
