@@ -110,7 +110,7 @@ up: setup  ## vLLM for PROFILE + the gateway, until Ctrl-C (ADAPTERS="name=dir .
 	@$(KIT) up $(PROFILE) $(foreach s,$(SET),--set $(s)) $(foreach a,$(ADAPTERS),--adapter $(a))
 
 # Key policy (each optional; unset = no limit): MODELS=a,b* RPM= TPM= MAX_CONCURRENT= BUDGET_DAY= BUDGET_MONTH=
-# MAX_TOKENS= CLAMP=1 MAX_N= THINKING=on|off ADMIN=1 EXPIRES=2027-01-31|30d|12h
+# MAX_TOKENS= CLAMP=1 MAX_N= THINKING=on|off THINKING_BUDGET= ADMIN=1 EXPIRES=2027-01-31|30d|12h
 MODELS ?=
 RPM ?=
 TPM ?=
@@ -121,6 +121,7 @@ MAX_TOKENS ?=
 CLAMP ?=
 MAX_N ?=
 THINKING ?=
+THINKING_BUDGET ?=
 ADMIN ?=
 EXPIRES ?=
 GRACE ?= 1h
@@ -128,7 +129,8 @@ DAYS ?= 30
 KEY_POLICY = $(if $(MODELS),--models '$(MODELS)') $(if $(RPM),--rpm $(RPM)) $(if $(TPM),--tpm $(TPM)) \
 	$(if $(MAX_CONCURRENT),--max-concurrent $(MAX_CONCURRENT)) $(if $(BUDGET_DAY),--budget-day $(BUDGET_DAY)) \
 	$(if $(BUDGET_MONTH),--budget-month $(BUDGET_MONTH)) $(if $(MAX_TOKENS),--max-tokens $(MAX_TOKENS)) \
-	$(if $(CLAMP),--clamp) $(if $(MAX_N),--max-n $(MAX_N)) $(if $(THINKING),--thinking $(THINKING)) $(if $(ADMIN),--admin)
+	$(if $(CLAMP),--clamp) $(if $(MAX_N),--max-n $(MAX_N)) $(if $(THINKING),--thinking $(THINKING)) \
+	$(if $(THINKING_BUDGET),--thinking-budget $(THINKING_BUDGET)) $(if $(ADMIN),--admin)
 
 key: setup  ## create a gateway API key: make key NAME=alice [MODELS=... RPM=... TPM=... BUDGET_DAY=... EXPIRES=30d]
 	@$(KIT) key create $(NAME) $(KEY_POLICY) $(if $(EXPIRES),--expires $(EXPIRES))
@@ -150,3 +152,7 @@ usage: setup  ## usage per day, key and model from the ledger: make usage [NAME=
 
 clean:  ## remove the venv, built models and local state
 	rm -rf $(VENV) models state .pytest_cache .ruff_cache
+
+.PHONY: models-claude-code
+models-claude-code: setup  ## build the tiny Qwen3.6-architecture model with 65,536 positions (PROFILE=cpu-claude-code serves it)
+	@$(PY) scripts/build_tiny_qwen3_5.py --max-position-embeddings 65536 --out models/qwen3_5-tiny-64k

@@ -2,7 +2,7 @@
 
 kit key create NAME [--models a,b*] [--rpm N] [--tpm N] [--max-concurrent N] [--budget-day N]
                     [--budget-month N] [--max-tokens N [--clamp]] [--max-n N] [--thinking on|off]
-                    [--admin] [--expires 2027-01-31|30d|12h]
+                    [--thinking-budget N] [--admin] [--expires 2027-01-31|30d|12h]
 kit key set NAME [the same policy flags]      change the policy of a key name
 kit key rotate NAME [--grace 1h]              new secret; the old one works for the grace period
 kit key list | kit key revoke NAME
@@ -22,7 +22,16 @@ from serve.gateway.usage_report import render_table, usage_rows
 
 _DURATION = re.compile(r"(\d+)\s*([mhdw])")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-_LIMIT_FLAGS = ("rpm", "tpm", "max_concurrent", "budget_day", "budget_month", "max_tokens", "max_n")
+_LIMIT_FLAGS = (
+    "rpm",
+    "tpm",
+    "max_concurrent",
+    "budget_day",
+    "budget_month",
+    "max_tokens",
+    "max_n",
+    "thinking_budget",
+)
 
 
 def parse_duration(text: str) -> timedelta:

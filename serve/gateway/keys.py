@@ -57,7 +57,9 @@ class KeyPolicy:
             that sets none is given the cap.
         max_n: cap on ``n`` (choices per request).
         enable_thinking: default for ``chat_template_kwargs.enable_thinking`` when a chat completion does
-            not set it (None: the model's default).
+            not set it, and for Anthropic ``thinking`` (None: the model's default).
+        thinking_budget: most reasoning tokens per request (vLLM's ``thinking_token_budget``: at the
+            budget the model is made to end its reasoning and answer; see ``serve/gateway/thinking.py``).
         admin: may read everyone's usage.
     """
 
@@ -71,6 +73,7 @@ class KeyPolicy:
     clamp_max_tokens: bool = False
     max_n: int | None = None
     enable_thinking: bool | None = None
+    thinking_budget: int | None = None
     admin: bool = False
 
     def allows(self, model: str) -> bool:
@@ -96,6 +99,8 @@ class KeyPolicy:
             parts.append("clamp")
         if self.enable_thinking is not None:
             parts.append(f"enable_thinking={str(self.enable_thinking).lower()}")
+        if self.thinking_budget is not None:
+            parts.append(f"thinking_budget={self.thinking_budget}")
         if self.admin:
             parts.append("admin")
         return " ".join(parts)

@@ -26,7 +26,8 @@ from sqlalchemy.engine import Engine
 from starlette.types import Message, Receive, Scope, Send
 from yarl import URL
 
-from serve.gateway import policy
+from serve.gateway import policy, thinking
+from serve.gateway.aliases import Aliases
 from serve.gateway.errors import (
     GatewayError,
     send_error,
@@ -84,8 +85,10 @@ class Gateway:
     upstream_headers: dict[str, str] = field(default_factory=dict)
     upstream_base: str = field(init=False)
     urls: dict[str, URL] = field(init=False)
+    aliases: Aliases = field(init=False)
 
     def __post_init__(self) -> None:
+        self.aliases = Aliases(self.settings.model_aliases)
         # Parsed once: aiohttp would parse a URL string on every request.
         self.upstream_base = self.settings.upstream_base
         self.urls = {route.path: URL(self.upstream_base + route.path) for route in ROUTES}
@@ -202,6 +205,10 @@ def with_fields(body: bytes, obj: dict[str, Any], changes: dict[str, Any]) -> by
 def rewrite(gateway: Gateway, call: Call, obj: dict[str, Any] | None) -> tuple[dict[str, Any], bool]:
     """The top-level fields to change in the request body, and whether the client wants stream usage.
 
+    In order: an alias becomes the served model it stands for; the key's model list, caps and thinking
+    policy apply; the model's non-thinking sampling preset fills in for a request that does not think
+    and chose no sampling.
+
     Raises:
         GatewayError: 403 (model not allowed) or 400 (a cap exceeded).
     """
@@ -209,17 +216,34 @@ def rewrite(gateway: Gateway, call: Call, obj: dict[str, Any] | None) -> tuple[d
     route = call.route
     if obj is None:
         return {}, True
+    changes: dict[str, Any] = {}
+    if gateway.aliases and call.model is not None:
+        target = gateway.aliases.resolve(call.model)
+        if target is not None:
+            call.model = changes["model"] = target
     policy.check_model(call.principal, call.model)
-    changes = policy.capped_fields(obj, route, call.principal)
-    if route.template_kwargs:
-        defaults = dict(gateway.settings.default_chat_template_kwargs.get(call.model or "", {}))
-        thinking = call.principal.policy.enable_thinking
-        if thinking is not None:
-            defaults.setdefault("enable_thinking", thinking)
-        if defaults:
-            merged = policy.template_kwargs(obj, defaults)
-            if merged is not None:
-                changes["chat_template_kwargs"] = merged
+    changes.update(policy.capped_fields(obj, route, call.principal))
+    if route.thinking is not None:
+        settings = gateway.settings
+        model = call.model or ""
+        if route.thinking == "chat":
+            defaults = dict(settings.default_chat_template_kwargs.get(model, {}))
+            decided = defaults.get("enable_thinking")
+            thinking_on, extra = thinking.chat_thinking(obj, call.principal, decided)
+            if thinking_on is not None:
+                defaults["enable_thinking"] = thinking_on
+            if defaults:
+                merged = policy.template_kwargs(obj, defaults)
+                if merged is not None:
+                    changes["chat_template_kwargs"] = merged
+        else:
+            thinking_on, extra = thinking.messages_thinking(obj, call.principal)
+        changes.update(extra)
+        if thinking_on is False:
+            preset = settings.non_thinking_sampling.get(model)
+            if preset and route.api == "anthropic":
+                preset = {k: v for k, v in preset.items() if k in thinking.ANTHROPIC_SAMPLING_FIELDS}
+            changes.update(thinking.non_thinking_preset(obj, preset))
     wants_usage = True
     if call.stream and route.stream_usage:
         options, wants_usage = policy.stream_usage_options(obj)
@@ -296,10 +320,10 @@ def _response_headers(
     return headers
 
 
-def filtered_listing(payload: bytes, principal: Principal) -> bytes:
-    """A ``/v1/models`` body with only the models the key may use, and each model's ``root`` (vLLM puts
-    the model's or adapter's folder on the server there) replaced by its id. Anything that is not the
-    expected JSON passes unchanged."""
+def filtered_listing(payload: bytes, principal: Principal, aliases: Aliases | None = None) -> bytes:
+    """A ``/v1/models`` body with only the models the key may use, each model's ``root`` (vLLM puts
+    the model's or adapter's folder on the server there) replaced by its id, and the exact aliases of
+    those models. Anything that is not the expected JSON passes unchanged."""
     try:
         listing = json.loads(payload)
     except ValueError:
@@ -315,6 +339,8 @@ def filtered_listing(payload: bytes, principal: Principal) -> bytes:
             if "root" in entry:
                 entry["root"] = entry["id"]
         kept.append(entry)
+    if aliases:
+        kept += aliases.listing_entries(kept)
     listing["data"] = kept
     return json.dumps(listing).encode()
 
@@ -377,7 +403,7 @@ async def _relay_whole(gateway: Gateway, call: Call, upstream: aiohttp.ClientRes
     if upstream.status < 400:
         call.usage.feed_body(payload)
         if call.route.lists_models and call.principal is not None:
-            payload = filtered_listing(payload, call.principal)
+            payload = filtered_listing(payload, call.principal, gateway.aliases)
     call.outcome = "ok"
     await settle(gateway, call)
     headers = _response_headers(upstream, (b"content-length", str(len(payload)).encode()), call.id_header)

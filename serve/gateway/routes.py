@@ -24,6 +24,8 @@ class Route:
         thinking_text: reasoning arrives as text only (Anthropic thinking blocks): count it with the
             served tokenizer when the upstream reports no reasoning tokens.
         lists_models: the answer is the model listing (filtered to what the key may use).
+        thinking: how the request turns thinking on or off and caps it: ``chat`` (``chat_template_kwargs``
+            and ``thinking_token_budget``) or ``anthropic`` (``thinking``); see ``thinking.py``.
     """
 
     path: str
@@ -36,6 +38,7 @@ class Route:
     generates: bool = True
     thinking_text: bool = False
     lists_models: bool = False
+    thinking: str | None = None
 
 
 ROUTES = (
@@ -46,11 +49,19 @@ ROUTES = (
         n_field="n",
         stream_usage=True,
         template_kwargs=True,
+        thinking="chat",
     ),
     Route("/v1/completions", "POST", max_tokens_fields=("max_tokens",), n_field="n", stream_usage=True),
     Route("/v1/responses", "POST", max_tokens_fields=("max_output_tokens",)),
     Route("/v1/models", "GET", generates=False, lists_models=True),
-    Route("/v1/messages", "POST", api="anthropic", max_tokens_fields=("max_tokens",), thinking_text=True),
+    Route(
+        "/v1/messages",
+        "POST",
+        api="anthropic",
+        max_tokens_fields=("max_tokens",),
+        thinking_text=True,
+        thinking="anthropic",
+    ),
     Route("/v1/messages/count_tokens", "POST", api="anthropic", generates=False),
 )
 

@@ -100,6 +100,14 @@ class GatewaySettings(BaseSettings):
     lets an adapter trained without reasoning (non-thinking) sit next to a base that thinks by default
     (``kit up`` fills it from each adapter's ``kit-adapter.json``)."""
 
+    model_aliases: dict[str, str] = Field(default_factory=dict)
+    """Client model id (or ``*`` glob) -> served model id or adapter name, e.g. ``claude-*:
+    Qwen/Qwen3.6-27B`` for Claude Code (``kit up`` adds each served model's ``aliases`` from its model
+    config). Keys' allowed models are checked against the served model. See ``serve/gateway/aliases.py``."""
+    non_thinking_sampling: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per served model id: the sampling preset a request that does not think and sets no sampling field
+    gets (the model card's non-thinking preset; ``kit up`` fills it from ``sampling.non_thinking``)."""
+
     @model_validator(mode="after")
     def _resolve_paths(self) -> GatewaySettings:
         root = kit_root()

@@ -65,6 +65,7 @@ class ApiKey(Base):
     clamp_max_tokens: Mapped[bool] = mapped_column(Boolean, default=False)
     max_n: Mapped[int | None] = mapped_column(Integer, nullable=True)
     enable_thinking: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    thinking_budget: Mapped[int | None] = mapped_column(Integer, nullable=True)
     admin: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
