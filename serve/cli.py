@@ -182,7 +182,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         access_log=False,  # the gateway writes its own access log, without prompts or keys
         log_config=log_config(settings.log_level),  # applied in every worker process
         log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
         **tls,
     )
     return 0

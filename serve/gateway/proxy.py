@@ -118,6 +118,7 @@ class Call:
     finished: bool = False  # the last byte is being sent: a disconnect now is not a client leaving
     client_gone: bool = False
     response_started: bool = False
+    streaming: bool = False  # an SSE answer is being relayed
     sent_bytes: int = 0
 
     @property
@@ -419,7 +420,7 @@ async def _relay_stream(
 ) -> None:
     usage = call.usage
     strip = None if wants_usage else UsageChunkFilter()
-    call.response_started = True
+    call.response_started = call.streaming = True
     await send(
         {
             "type": "http.response.start",
@@ -483,6 +484,32 @@ class DisconnectWatch:
         self._handle.cancel()
         if self._watcher is not None:
             self._watcher.cancel()
+
+
+async def _end_for_shutdown(gateway: Gateway, call: Call, send: Send) -> None:
+    """Tell the client its request was cut short by a gateway shutdown: an error event ends a stream
+    (never a silent cut, which reads as a complete answer), a 503 with ``Retry-After`` answers a request
+    not yet answered. A response already sent whole needs nothing."""
+    message = "The gateway is shutting down; the answer is incomplete. Retry the request."
+    try:
+        if call.streaming and not call.finished:
+            call.finished = True
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": stream_error_event(call.route.api, message),
+                    "more_body": False,
+                }
+            )
+        elif not call.response_started:
+            call.response_started = call.finished = True
+            call.status = 503
+            error = unavailable(
+                "the gateway is shutting down", gateway.settings.retry_after_s, "shutting_down"
+            )
+            await send_error(send, call.route.api, error, call.id_header)
+    except Exception as exc:  # the connection may be gone already: the ledger row still says shutdown
+        logger.warning("could not tell the client of %s about the shutdown: %r", call.request_id, exc)
 
 
 async def count_reasoning(gateway: Gateway, call: Call) -> None:
@@ -578,6 +605,9 @@ async def forward(
             call.client_gone = True
     except asyncio.CancelledError:
         if not call.client_gone:
+            # The server is stopping and its grace period for in-flight requests is over.
+            call.outcome = "shutdown"
+            await _end_for_shutdown(gateway, call, send)
             raise
         task.uncancel()
     except Exception:

@@ -91,6 +91,10 @@ class GatewaySettings(BaseSettings):
     ``max_model_len / 10`` seconds (10 tokens/s, the slowest decode the kit plans for). Past it the
     client gets 504 (no ``Retry-After``: a retry would repeat the whole generation)."""
     upstream_max_connections: int = Field(default=1024, ge=1)
+    shutdown_timeout_s: int = Field(default=30, ge=0)
+    """On SIGTERM the gateway stops accepting and lets in-flight requests finish for this long; then a
+    stream still running ends with an error event and an unanswered request gets 503 (uvicorn's
+    ``timeout_graceful_shutdown``; ``kit up`` gives vLLM's ``--shutdown-timeout`` the same value)."""
     retry_after_s: int = Field(default=5, ge=1)
     """``Retry-After`` sent with 503 while the upstream is down or starting."""
     log_level: str = "INFO"

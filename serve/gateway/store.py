@@ -100,8 +100,9 @@ class LedgerRow(Base):
 
     ``outcome``: ``ok`` (the upstream answered, whatever its status), ``rejected`` (the gateway refused:
     auth, policy, limits, size), ``client_disconnect`` (the client left before the end; tokens so far),
-    ``upstream_error`` (vLLM unreachable, timed out or broke mid-stream; tokens so far), ``error`` (the
-    gateway itself failed: a 500 with the request id in its log).
+    ``upstream_error`` (vLLM unreachable, timed out or broke mid-stream; tokens so far), ``shutdown`` (the
+    gateway stopped before the answer was complete, past its ``shutdown_timeout_s``; tokens so far),
+    ``error`` (the gateway itself failed: a 500 with the request id in its log).
     """
 
     __tablename__ = "usage_ledger"
