@@ -183,6 +183,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         log_config=log_config(settings.log_level),  # applied in every worker process
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        proxy_headers=True,
+        forwarded_allow_ips=",".join(settings.trusted_proxies),
         **tls,
     )
     return 0

@@ -37,7 +37,7 @@ from serve.supervisor import free_port
 ROOT = Path(__file__).resolve().parent.parent
 # Two workers import FastAPI, SQLAlchemy and aiohttp: ~10 s on 2 busy cores; the margin is for a loaded CI.
 START_TIMEOUT_S = 90.0
-STOP_TIMEOUT_S = 15.0  # uvicorn's graceful shutdown is 10 s (timeout_graceful_shutdown in serve/cli.py)
+STOP_TIMEOUT_S = 15.0  # past the 5 s graceful shutdown these gateways get (KIT_GATEWAY_SHUTDOWN_TIMEOUT_S)
 BATCH = 16  # connections opened at once by connections_per_worker (at once: the kernel spreads them)
 
 
@@ -218,6 +218,7 @@ def start_gateway_process(
         "KIT_GATEWAY_PORT": str(port),
         "KIT_GATEWAY_WORKERS": str(workers),
         "KIT_GATEWAY_KEYS_DB": str(tmp_path / "gw.sqlite"),
+        "KIT_GATEWAY_SHUTDOWN_TIMEOUT_S": "5",
         **(env_extra or {}),
     }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the gateway makes its own for several workers

@@ -17,6 +17,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.gateway import proxy
@@ -57,6 +58,19 @@ class GatewayApp:
     def __init__(self, gateway: Gateway, admin: ASGIApp) -> None:
         self.gateway = gateway
         self.admin = admin
+        origins = gateway.settings.cors_allow_origins
+        # Browsers' preflights and CORS headers, only where origins are allowed (Starlette's middleware).
+        self.cors: ASGIApp | None = (
+            CORSMiddleware(
+                self.serve,
+                allow_origins=origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["*"],
+                expose_headers=["x-request-id", "retry-after"],
+            )
+            if origins
+            else None
+        )
         self.routes: dict[str, Route] = {r.path: r for r in (*ROUTES, _USAGE_ROUTE)}
         self.access_log: list[str] = []
 
@@ -69,6 +83,13 @@ class GatewayApp:
         self.gateway.metrics.flush()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.cors is not None and scope["type"] == "http":
+            await self.cors(scope, receive, send)
+        else:
+            await self.serve(scope, receive, send)
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Route one request (``__call__`` puts the CORS layer in front when it is configured)."""
         if scope["type"] != "http":
             await self.admin(scope, receive, send)
             return
@@ -77,9 +98,11 @@ class GatewayApp:
         path = scope["path"]
         route = self.routes.get(path)
         if route is not None and route is not _USAGE_ROUTE and scope["method"] == route.method:
-            await self._forward(
-                route, scope, receive, send, Call(request_id, route, start, datetime.now(UTC))
-            )
+            passing = Call(request_id, route, start, datetime.now(UTC))
+            client = scope.get("client")
+            if client:
+                passing.client_ip = client[0]
+            await self._forward(route, scope, receive, send, passing)
             return
         state: dict[str, Any] = {"status": 500, "bytes": 0, "started": False}
         id_header = (b"x-request-id", request_id.encode())

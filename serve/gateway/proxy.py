@@ -117,6 +117,7 @@ class Call:
     settled: bool = False
     finished: bool = False  # the last byte is being sent: a disconnect now is not a client leaving
     client_gone: bool = False
+    client_ip: str | None = None
     response_started: bool = False
     streaming: bool = False  # an SSE answer is being relayed
     sent_bytes: int = 0
@@ -552,6 +553,7 @@ def ledger_row(call: Call) -> dict[str, Any]:
         "ttft_ms": round(call.ttft_ms, 3) if call.ttft_ms is not None else None,
         "finish_reason": usage.finish_reason,
         "policy_id": None,
+        "client_ip": call.client_ip,
     }
 
 

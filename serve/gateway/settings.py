@@ -91,6 +91,13 @@ class GatewaySettings(BaseSettings):
     ``max_model_len / 10`` seconds (10 tokens/s, the slowest decode the kit plans for). Past it the
     client gets 504 (no ``Retry-After``: a retry would repeat the whole generation)."""
     upstream_max_connections: int = Field(default=1024, ge=1)
+    cors_allow_origins: list[str] = Field(default_factory=list)
+    """Browser origins allowed to call the API (``https://app.example.com``; ``*`` for any). Empty (the
+    default): no CORS headers, so browsers refuse cross-origin calls. Keys still apply to every call."""
+    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
+    """Addresses (or CIDR ranges) of reverse proxies whose ``X-Forwarded-For`` / ``X-Forwarded-Proto``
+    the gateway believes (uvicorn's ``forwarded_allow_ips``); the ledger's ``client_ip`` is then the
+    address the proxy saw. Others' forwarded headers are ignored."""
     shutdown_timeout_s: int = Field(default=30, ge=0)
     """On SIGTERM the gateway stops accepting and lets in-flight requests finish for this long; then a
     stream still running ends with an error event and an unanswered request gets 503 (uvicorn's

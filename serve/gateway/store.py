@@ -124,6 +124,7 @@ class LedgerRow(Base):
     ttft_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     finish_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
     policy_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    client_ip: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 _READ_ONLY = "kit_read_only"
