@@ -21,6 +21,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.gateway import proxy
+from serve.gateway.adapters_api import LOAD_PATH, UNLOAD_PATH, serve_adapters
 from serve.gateway.errors import GatewayError, internal, send_error
 from serve.gateway.logconfig import ACCESS_LOGGER
 from serve.gateway.proxy import Call, Gateway
@@ -33,7 +34,12 @@ errors = logging.getLogger(__name__)
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _OWN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-_USAGE_ROUTE = Route(USAGE_PATH, "GET", generates=False)
+_USAGE_ROUTE = Route(USAGE_PATH, "GET", generates=False, local=True)
+_OWN_ROUTES = (
+    _USAGE_ROUTE,
+    Route(LOAD_PATH, "POST", generates=False, local=True),
+    Route(UNLOAD_PATH, "POST", generates=False, local=True),
+)
 
 
 def request_id_of(scope: Scope) -> str:
@@ -71,7 +77,7 @@ class GatewayApp:
             if origins
             else None
         )
-        self.routes: dict[str, Route] = {r.path: r for r in (*ROUTES, _USAGE_ROUTE)}
+        self.routes: dict[str, Route] = {r.path: r for r in (*ROUTES, *_OWN_ROUTES)}
         self.access_log: list[str] = []
 
     def flush(self) -> None:
@@ -97,7 +103,7 @@ class GatewayApp:
         request_id = request_id_of(scope)
         path = scope["path"]
         route = self.routes.get(path)
-        if route is not None and route is not _USAGE_ROUTE and scope["method"] == route.method:
+        if route is not None and not route.local and scope["method"] == route.method:
             passing = Call(request_id, route, start, datetime.now(UTC))
             client = scope.get("client")
             if client:
@@ -120,9 +126,12 @@ class GatewayApp:
         metrics = self.gateway.metrics
         metrics.in_flight_now += 1
         try:
-            if route is _USAGE_ROUTE and scope["method"] == route.method:
+            if route is not None and route.local and scope["method"] == route.method:
                 call = Call(request_id, route, start, datetime.now(UTC))
-                await serve_usage(self.gateway, call, scope, send_with_id)
+                if route is _USAGE_ROUTE:
+                    await serve_usage(self.gateway, call, scope, send_with_id)
+                else:
+                    await serve_adapters(self.gateway, call, scope, receive, send_with_id)
             elif route is not None:
                 error = GatewayError(
                     405, f"Method {scope['method']} is not allowed on {path}.", code="method_not_allowed"

@@ -24,6 +24,7 @@ class Route:
         thinking_text: reasoning arrives as text only (Anthropic thinking blocks): count it with the
             served tokenizer when the upstream reports no reasoning tokens.
         lists_models: the answer is the model listing (filtered to what the key may use).
+        local: the gateway answers it itself (never forwarded).
         thinking: how the request turns thinking on or off and caps it: ``chat`` (``chat_template_kwargs``
             and ``thinking_token_budget``) or ``anthropic`` (``thinking``); see ``thinking.py``.
     """
@@ -39,6 +40,7 @@ class Route:
     thinking_text: bool = False
     lists_models: bool = False
     thinking: str | None = None
+    local: bool = False
 
 
 ROUTES = (

@@ -91,6 +91,13 @@ class GatewaySettings(BaseSettings):
     ``max_model_len / 10`` seconds (10 tokens/s, the slowest decode the kit plans for). Past it the
     client gets 504 (no ``Retry-After``: a retry would repeat the whole generation)."""
     upstream_max_connections: int = Field(default=1024, ge=1)
+    adapters_dir: Path | None = None
+    """Folder whose sub-folders admin keys may load into vLLM at runtime by name (``POST
+    /v1/adapters/load``); None: runtime adapters are off. Relative: to the kit's folder."""
+    base_model_dir: Path | None = None
+    """The served base's folder, for the adapter checks before a runtime load (``kit up`` sets it)."""
+    max_lora_rank: int | None = None
+    """The profile's ``max_lora_rank``, for the same checks (``kit up`` sets it)."""
     cors_allow_origins: list[str] = Field(default_factory=list)
     """Browser origins allowed to call the API (``https://app.example.com``; ``*`` for any). Empty (the
     default): no CORS headers, so browsers refuse cross-origin calls. Keys still apply to every call."""
@@ -122,7 +129,14 @@ class GatewaySettings(BaseSettings):
     @model_validator(mode="after")
     def _resolve_paths(self) -> GatewaySettings:
         root = kit_root()
-        for name in ("keys_db", "ssl_certfile", "ssl_keyfile", "upstream_uds"):
+        for name in (
+            "keys_db",
+            "ssl_certfile",
+            "ssl_keyfile",
+            "upstream_uds",
+            "adapters_dir",
+            "base_model_dir",
+        ):
             value = getattr(self, name)
             if value is not None and not value.is_absolute():
                 setattr(self, name, root / value)
