@@ -148,3 +148,10 @@ def tiny_adapters(tmp: Path) -> dict[str, Path]:
 def qwen3_5_tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
     tmp = tmp_path_factory.mktemp("qwen3_5")
     yield from start_live_stack("cpu-qwen3_5-tiny", tmp, tiny_adapters(tmp))
+
+
+@pytest.fixture(scope="module")
+def qwen3_5_tiny_bare(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+    """The tiny qwen3_5 model served as ``qwen3_5_tiny`` serves it (its reasoning and tool-call parsers),
+    without the LoRA adapters: for tests of the API surface, which do not need a training run first."""
+    yield from start_live_stack("cpu-qwen3_5-tiny", tmp_path_factory.mktemp("qwen3_5_bare"))
