@@ -66,6 +66,9 @@ _DROP_RESPONSE_HEADERS = frozenset(
     }
 )
 _SSE = "text/event-stream"
+# The events that end an answer (OpenAI, Anthropic, Responses API): clients such as the openai SDK hang
+# up once they read one, possibly before the upstream's response has ended.
+_STREAM_ENDS = (b"data: [DONE]", b"event: message_stop", b"event: response.completed")
 WATCH_AFTER_S = 0.05
 """How long a request runs before a task starts watching for its client to leave (a generation on the
 model takes longer than this; a client that left sooner is noticed now)."""
@@ -438,6 +441,8 @@ async def _relay_stream(
             out = strip.feed(chunk) if strip is not None else chunk
             if out:
                 call.sent_bytes += len(out)
+                if not call.finished and any(end in out for end in _STREAM_ENDS):
+                    call.finished = True  # the client has the whole answer: leaving now is not leaving early
                 await send({"type": "http.response.body", "body": out, "more_body": True})
         call.outcome = "ok"
         if strip is not None:
