@@ -39,9 +39,10 @@ help:  ## list the targets
 setup:  ## create .venv with the kit and the vLLM build for this machine (idempotent)
 	@bash scripts/setup.sh
 
-models: setup  ## build the embedded models (SmolLM2-135M-Instruct, tiny qwen3_5) into models/
+models: setup  ## build the embedded models (SmolLM2-135M-Instruct, tiny qwen3_5 and its 64k-position build) into models/
 	@$(PY) scripts/build_smollm2.py
 	@$(PY) scripts/build_tiny_qwen3_5.py
+	@$(PY) scripts/build_tiny_qwen3_5.py --max-position-embeddings 65536 --out models/qwen3_5-tiny-64k
 
 demo: models  ## serve SmolLM2 with vLLM behind the gateway and stream one answer
 	@$(KIT) demo

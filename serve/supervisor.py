@@ -285,9 +285,13 @@ def gateway_env(
     chat_template_kwargs: dict[str, dict[str, Any]] | None = None,
     upstream_uds: Path | None = None,
     read_timeout_s: float | None = None,
+    model_aliases: dict[str, str] | None = None,
+    non_thinking_sampling: dict[str, dict[str, Any]] | None = None,
+    runtime_adapters: tuple[Path, Path, int] | None = None,
 ) -> dict[str, str]:
     """``KIT_GATEWAY_*`` variables for a gateway in front of ``upstream_url`` (reached over the Unix
-    socket ``upstream_uds`` when given)."""
+    socket ``upstream_uds`` when given). ``runtime_adapters``: ``(adapters_dir, base model folder,
+    max_lora_rank)`` when admins may load adapters at runtime."""
     env = {
         "KIT_GATEWAY_UPSTREAM_URL": upstream_url,
         "KIT_GATEWAY_PORT": str(port),
@@ -302,7 +306,38 @@ def gateway_env(
     env["KIT_GATEWAY_UPSTREAM_UDS"] = str(upstream_uds) if upstream_uds is not None else ""
     if read_timeout_s is not None:
         env["KIT_GATEWAY_UPSTREAM_READ_TIMEOUT_S"] = str(read_timeout_s)
+    if model_aliases:
+        env["KIT_GATEWAY_MODEL_ALIASES"] = json.dumps(model_aliases)
+    if non_thinking_sampling:
+        env["KIT_GATEWAY_NON_THINKING_SAMPLING"] = json.dumps(non_thinking_sampling)
+    if runtime_adapters is not None:
+        adapters_dir, base_dir, max_rank = runtime_adapters
+        env["KIT_GATEWAY_ADAPTERS_DIR"] = str(adapters_dir)
+        env["KIT_GATEWAY_BASE_MODEL_DIR"] = str(base_dir)
+        env["KIT_GATEWAY_MAX_LORA_RANK"] = str(max_rank)
     return env
+
+
+def gateway_model_env(resolved: ResolvedProfile, root: Path) -> dict[str, Any]:
+    """The ``gateway_env`` arguments a profile's model gives: its aliases, its non-thinking sampling
+    preset (``sampling.non_thinking`` of the model config) and, with ``adapters_dir``, runtime adapters."""
+    name = resolved.model.served_model_name
+    preset = resolved.model.sampling.get("non_thinking")
+    adapters_dir = resolved.profile.adapters_dir
+    max_rank = resolved.profile.vllm.max_lora_rank
+    return {
+        "model_aliases": {alias: name for alias in resolved.model.aliases},
+        "non_thinking_sampling": {name: preset.model_dump(exclude_none=True)} if preset is not None else {},
+        "runtime_adapters": (
+            (
+                adapters_dir if adapters_dir.is_absolute() else root / adapters_dir,
+                resolved.model_dir,
+                max_rank,
+            )
+            if adapters_dir is not None and max_rank is not None
+            else None
+        ),
+    }
 
 
 # The slowest decode the kit plans for (tokens/s of one sequence): a non-streamed answer is silent until
@@ -420,6 +455,7 @@ def run_stack(
                 adapter_chat_template_kwargs(resolved.profile.vllm.lora_modules),
                 uds,
                 upstream_read_timeout_s(resolved),
+                **gateway_model_env(resolved, resolved.path.parents[2]),  # configs/serve/<profile>.yaml
             )
             gateway = start_gateway(env, log_dir / "gateway.log")
             try:
