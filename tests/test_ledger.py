@@ -417,3 +417,37 @@ def test_rows_still_refused_at_close_are_spilled_to_jsonl_and_none_is_lost(locke
     assert _ids(path) == ["early0", "early1", "early2", "late0", "late1"]
     with engine.connect() as connection:
         assert connection.execute(select(func.sum(LedgerRow.completion_tokens))).scalar() == 10
+
+
+def test_the_request_paths_row_values_line_up_with_the_ledgers_columns():
+    """``ledger_values`` builds a tuple (no dict per request): every value must land in its column."""
+    from serve.gateway.keys import KeyPolicy, Principal
+    from serve.gateway.ledger import COLUMNS
+    from serve.gateway.proxy import Call, ledger_row
+    from serve.gateway.routes import ROUTES
+
+    call = Call("rid-1", ROUTES[0], 0.0, datetime.now(UTC))
+    call.principal = Principal("alice", "00000000", KeyPolicy())
+    call.model, call.status, call.outcome, call.stream, call.ttft_ms = "m", 200, "ok", True, 1.5
+    call.client_ip = "203.0.113.9"
+    usage = call.usage
+    usage.prompt, usage.completion, usage.reasoning, usage.cached, usage.finish_reason = 11, 9, 4, 3, "stop"
+    row = ledger_row(call)
+    assert tuple(row) == COLUMNS
+    assert {k: row[k] for k in COLUMNS if k not in ("created_at", "latency_ms")} == {
+        "request_id": "rid-1",
+        "key_name": "alice",
+        "model": "m",
+        "route": ROUTES[0].path,
+        "status": 200,
+        "outcome": "ok",
+        "stream": True,
+        "prompt_tokens": 11,
+        "completion_tokens": 9,
+        "reasoning_tokens": 4,
+        "cached_tokens": 3,
+        "ttft_ms": 1.5,
+        "finish_reason": "stop",
+        "policy_id": None,
+        "client_ip": "203.0.113.9",
+    }

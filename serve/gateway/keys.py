@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import fnmatch
+import functools
 import hashlib
 import hmac
 import logging
@@ -80,13 +81,18 @@ class KeyPolicy:
         """Whether ``model`` matches one of ``models``."""
         return "*" in self.models or any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
 
-    @property
+    @functools.cached_property
     def limited(self) -> bool:
-        """Whether admission must consult the shared counters at all."""
+        """Whether admission must consult the shared counters at all (worked out once per policy)."""
         return any(
             v is not None
             for v in (self.rpm, self.tpm, self.max_concurrent, self.budget_day, self.budget_month)
         )
+
+    @functools.cached_property
+    def counts_tokens(self) -> bool:
+        """Whether the key has a token limit (``tpm`` or a budget), so requests reserve tokens."""
+        return self.tpm is not None or self.budget_day is not None or self.budget_month is not None
 
     def describe(self) -> str:
         """One line for ``make key-list``: only what is set."""

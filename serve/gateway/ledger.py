@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 
 _LEDGER = LedgerRow.__table__
-_COLUMNS = tuple(column.name for column in _LEDGER.columns if column.name != "id")
+COLUMNS = tuple(column.name for column in _LEDGER.columns if column.name != "id")
+"""The ``usage_ledger`` columns a row gives, in order (``record_values``)."""
 _DEFAULTS = {
     column.name: column.default.arg
     for column in _LEDGER.columns
@@ -41,20 +42,18 @@ _PLACEHOLDER = {"qmark": "?", "format": "%s", "pyformat": "%s"}  # positional (s
 
 
 def insert_statement(engine: Engine) -> tuple[str, list[tuple[int, Callable[[Any], Any]]]]:
-    """The ``usage_ledger`` INSERT in the engine's DBAPI parameter style (positional, ``_COLUMNS``
+    """The ``usage_ledger`` INSERT in the engine's DBAPI parameter style (positional, ``COLUMNS``
     order), and the columns whose values the dialect converts (e.g. ``datetime`` to SQLite's text)."""
     dialect = engine.dialect
     quote = dialect.identifier_preparer.quote
     style = _PLACEHOLDER[dialect.paramstyle]
     marks = ", ".join(
         style.format(index + 1 if dialect.paramstyle == "numeric" else name)
-        for index, name in enumerate(_COLUMNS)
+        for index, name in enumerate(COLUMNS)
     )
-    sql = (
-        f"INSERT INTO {quote(_LEDGER.name)} ({', '.join(quote(name) for name in _COLUMNS)}) VALUES ({marks})"
-    )
+    sql = f"INSERT INTO {quote(_LEDGER.name)} ({', '.join(quote(name) for name in COLUMNS)}) VALUES ({marks})"
     converters = []
-    for index, name in enumerate(_COLUMNS):
+    for index, name in enumerate(COLUMNS):
         converter = _LEDGER.c[name].type.dialect_impl(dialect).bind_processor(dialect)
         if converter is not None:
             converters.append((index, converter))
@@ -78,7 +77,7 @@ class LedgerWriter:
         self.spill_dir = spill_dir
         self.flush_interval_s = flush_interval_s
         self.batch_rows = batch_rows
-        self._rows: list[dict[str, Any]] = []
+        self._rows: list[tuple[Any, ...]] = []  # values in COLUMNS order
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -86,8 +85,12 @@ class LedgerWriter:
         self._sql, self._converters = insert_statement(engine)
 
     def record(self, row: dict[str, Any]) -> None:
-        """Queue one row (the columns of ``LedgerRow``, without ``id``)."""
-        self._rows.append(row)
+        """Queue one row (the columns of ``LedgerRow``, without ``id``; missing ones take their default)."""
+        self.record_values(tuple(row.get(name, _DEFAULTS.get(name)) for name in COLUMNS))
+
+    def record_values(self, values: tuple[Any, ...]) -> None:
+        """Queue one row given as its values in ``COLUMNS`` order (the request path: no dict to build)."""
+        self._rows.append(values)
         if len(self._rows) >= self.batch_rows:
             self._wake.set()
 
@@ -95,15 +98,17 @@ class LedgerWriter:
         """Start the background task (in the running event loop)."""
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ledger-writer")
 
-    def _insert(self, rows: list[dict[str, Any]]) -> None:
+    def _insert(self, rows: list[tuple[Any, ...]]) -> None:
         converters = self._converters
-        params: list[Any] = []
-        for row in rows:
-            values = [row.get(name, _DEFAULTS.get(name)) for name in _COLUMNS]
-            for index, convert in converters:
-                if values[index] is not None:
-                    values[index] = convert(values[index])
-            params.append(tuple(values))
+        params: list[Any] = rows
+        if converters:
+            params = []
+            for row in rows:
+                values = list(row)
+                for index, convert in converters:
+                    if values[index] is not None:
+                        values[index] = convert(values[index])
+                params.append(tuple(values))
         with self.engine.begin() as connection:
             connection.exec_driver_sql(self._sql, params)
 
@@ -149,7 +154,7 @@ class LedgerWriter:
         path = self.spill_dir / f"ledger-spill-{os.getpid()}.jsonl"
         with path.open("a") as out:
             for row in self._rows:
-                out.write(json.dumps(row, default=_json_default) + "\n")
+                out.write(json.dumps(dict(zip(COLUMNS, row, strict=True)), default=_json_default) + "\n")
             out.flush()
             os.fsync(out.fileno())
         logger.error(

@@ -104,10 +104,16 @@ def _month_of_day(day: int) -> int:
     return at.year * 12 + at.month - 1
 
 
+@functools.lru_cache(maxsize=4)
+def _windows_of_minute(minute: int) -> tuple[int, int, int]:
+    day = minute // 1440
+    return minute, day, _month_of_day(day)
+
+
 def windows(now: float) -> tuple[int, int, int]:
-    """``(epoch minute, epoch day, year * 12 + month - 1)`` of ``now`` (epoch seconds, UTC)."""
-    day = int(now // 86400)
-    return int(now // 60), day, _month_of_day(day)
+    """``(epoch minute, epoch day, year * 12 + month - 1)`` of ``now`` (epoch seconds, UTC); worked out
+    once per minute."""
+    return _windows_of_minute(int(now // 60))
 
 
 @functools.lru_cache(maxsize=8)
@@ -140,7 +146,7 @@ def _columns(window: Window) -> dict[str, int]:
 
 def counts_tokens(policy: KeyPolicy) -> bool:
     """Whether the key has a token limit (``tpm`` or a budget), so requests reserve tokens."""
-    return policy.tpm is not None or policy.budget_day is not None or policy.budget_month is not None
+    return policy.counts_tokens
 
 
 def evaluate(
@@ -218,7 +224,7 @@ class LocalLimiter:
     ) -> Reservation | Denial:
         """Check and count one request of key ``name`` (microseconds; no I/O). See ``Limiter.admit``."""
         now = time.time() if now is None else now
-        tokens = tokens if counts_tokens(policy) else 0
+        tokens = tokens if policy.counts_tokens else 0
         slot = policy.max_concurrent is not None
         counters = self.counters
         at, mine, index = counters.offsets(name)
@@ -309,7 +315,7 @@ class Limiter:
         spent = self._spent_rpm.get(name)
         if spent is not None and now < spent[0]:
             return spent[1]
-        tokens = tokens if counts_tokens(policy) else 0
+        tokens = tokens if policy.counts_tokens else 0
         with self.engine.begin() as connection:
             _insert_ignore(connection, name)
             denial, window = self._check(connection, name, policy, tokens, now)

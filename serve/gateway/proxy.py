@@ -38,7 +38,7 @@ from serve.gateway.errors import (
     unavailable,
 )
 from serve.gateway.keys import KeyCache, Principal
-from serve.gateway.ledger import LedgerWriter
+from serve.gateway.ledger import COLUMNS, LedgerWriter
 from serve.gateway.limits import Denial, Limiter, LocalLimiter, Reservation
 from serve.gateway.metrics import GatewayMetrics
 from serve.gateway.routes import ROUTES, Route
@@ -538,28 +538,33 @@ async def count_reasoning(gateway: Gateway, call: Call) -> None:
         usage.reasoning = counted
 
 
-def ledger_row(call: Call) -> dict[str, Any]:
-    """The call's ``usage_ledger`` row."""
+def ledger_values(call: Call) -> tuple[Any, ...]:
+    """The call's ``usage_ledger`` row, as values in ``ledger.COLUMNS`` order."""
     usage = call.usage
-    return {
-        "request_id": call.request_id,
-        "created_at": call.created_at,
-        "key_name": call.principal.name if call.principal else None,
-        "model": call.model,
-        "route": call.route.path,
-        "status": call.status,
-        "outcome": call.outcome,
-        "stream": call.stream,
-        "prompt_tokens": usage.prompt,
-        "completion_tokens": usage.completion,
-        "reasoning_tokens": usage.reasoning,
-        "cached_tokens": usage.cached,
-        "latency_ms": round((time.perf_counter() - call.start) * 1000, 3),
-        "ttft_ms": round(call.ttft_ms, 3) if call.ttft_ms is not None else None,
-        "finish_reason": usage.finish_reason,
-        "policy_id": None,
-        "client_ip": call.client_ip,
-    }
+    return (
+        call.request_id,
+        call.created_at,
+        call.principal.name if call.principal else None,
+        call.model,
+        call.route.path,
+        call.status,
+        call.outcome,
+        call.stream,
+        usage.prompt,
+        usage.completion,
+        usage.reasoning,
+        usage.cached,
+        round((time.perf_counter() - call.start) * 1000, 3),
+        round(call.ttft_ms, 3) if call.ttft_ms is not None else None,
+        usage.finish_reason,
+        None,  # policy_id
+        call.client_ip,
+    )
+
+
+def ledger_row(call: Call) -> dict[str, Any]:
+    """The call's ``usage_ledger`` row as a mapping (for reading; the request path uses ``ledger_values``)."""
+    return dict(zip(COLUMNS, ledger_values(call), strict=True))
 
 
 def account(gateway: Gateway, call: Call) -> None:
@@ -571,7 +576,7 @@ def account(gateway: Gateway, call: Call) -> None:
         metrics.add_tokens(key, model, "prompt", usage.prompt)
         metrics.add_tokens(key, model, "completion", usage.completion)
         metrics.add_tokens(key, model, "reasoning", usage.reasoning)
-    gateway.ledger.record(ledger_row(call))
+    gateway.ledger.record_values(ledger_values(call))
 
 
 async def forward(
