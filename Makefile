@@ -31,7 +31,7 @@ ACCELERATE_ARGS ?=
 PYTEST_ARGS ?=
 
 
-.PHONY: help setup lock models demo test test-unit test-integration lint serve gateway up key key-list key-set key-rotate key-revoke usage validate download finetune finetune-demo validate-data check-adapter merge bench-finetune bench-gateway soak-ledger clean
+.PHONY: help setup lock models demo test test-unit test-integration lint serve gateway up key key-list key-set key-rotate key-revoke usage validate download finetune finetune-demo validate-data check-adapter merge bench-finetune bench-gateway soak-ledger soak-agent clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 20
@@ -100,6 +100,9 @@ bench-gateway: setup  ## gateway vs direct: added latency, requests/s, TTFT, CPU
 SOAK_ARGS ?=
 soak-ledger: models  ## 10,000 requests, vLLM killed mid-load, every one reconciled with the usage ledger (~6 min)
 	@$(PY) scripts/soak_ledger.py $(SOAK_ARGS)
+
+soak-agent: models  ## an openai-SDK agent chains N tool calls (default 1000) through the gateway to real vLLM, 0 protocol errors
+	@$(PY) scripts/soak_agent.py --calls $(or $(N),1000) $(SOAK_ARGS)
 
 serve: setup  ## run vLLM for PROFILE (DRY_RUN=1 prints the exact command)
 	@$(KIT) serve $(PROFILE) $(if $(DRY_RUN),--dry-run) $(foreach s,$(SET),--set $(s)) $(foreach a,$(ADAPTERS),--adapter $(a))
