@@ -375,6 +375,15 @@ class KeyCache:
         self._active = await asyncio.to_thread(self.store.load_active)
         self._loaded_at = time.monotonic()
 
+    def fresh(self) -> bool:
+        """Whether the loaded copy is within its TTL (then ``match(cache.active, key)`` needs no await)."""
+        return time.monotonic() - self._loaded_at <= self.store.ttl_s
+
+    @property
+    def active(self) -> dict[str, tuple[str, Principal, float]]:
+        """The loaded copy of the active keys (see ``KeyStore.load_active``)."""
+        return self._active
+
     async def authenticate(self, presented: str) -> Principal | None:
         """The principal of ``presented`` or None (malformed, unknown, expired or revoked).
 

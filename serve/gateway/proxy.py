@@ -37,7 +37,7 @@ from serve.gateway.errors import (
     unauthorized,
     unavailable,
 )
-from serve.gateway.keys import KeyCache, Principal
+from serve.gateway.keys import KeyCache, Principal, match
 from serve.gateway.ledger import COLUMNS, LedgerWriter
 from serve.gateway.limits import Denial, Limiter, LocalLimiter, Reservation
 from serve.gateway.metrics import GatewayMetrics
@@ -151,7 +151,13 @@ async def authenticate(gateway: Gateway, scope: Scope) -> Principal:
         GatewayError: 401 for a missing, malformed, unknown, expired or revoked key.
     """
     presented = presented_key(scope)
-    principal = await gateway.keys.authenticate(presented) if presented else None
+    keys = gateway.keys
+    if not presented:
+        principal = None
+    elif keys.fresh():
+        principal = match(keys.active, presented)  # the usual case: no await, no task switch
+    else:
+        principal = await keys.authenticate(presented)
     if principal is None:
         raise unauthorized()
     return principal
@@ -605,7 +611,8 @@ async def forward(
             if changes:
                 assert obj is not None
                 body = with_fields(body, obj, changes)
-            await admit(gateway, call, obj, len(body))
+            if route.generates and call.principal.policy.limited:
+                await admit(gateway, call, obj, len(body))
             await relay(gateway, call, scope, send, body, wants_usage)
         except GatewayError as error:
             call.status = error.status
@@ -632,7 +639,8 @@ async def forward(
             call.outcome = "client_disconnect"
             call.status = 499  # nginx's "client closed request": what the ledger shows for it
             gateway.metrics.client_disconnects.inc()
-        await settle(gateway, call)
+        if call.reservation is not None and not call.settled:
+            await settle(gateway, call)
         if route.thinking_text:
             await count_reasoning(gateway, call)
         account(gateway, call)
