@@ -31,7 +31,7 @@ ACCELERATE_ARGS ?=
 PYTEST_ARGS ?=
 
 
-.PHONY: help setup lock models demo test test-unit test-integration lint serve gateway up key key-list key-set key-rotate key-revoke usage validate download finetune finetune-demo validate-data check-adapter merge bench-finetune bench-gateway soak-ledger soak-agent clean
+.PHONY: help setup lock models demo test test-unit test-integration lint serve plan gateway up key key-list key-set key-rotate key-revoke usage validate download finetune finetune-demo validate-data check-adapter merge bench-finetune bench-gateway soak-ledger soak-agent clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 20
@@ -106,6 +106,9 @@ soak-agent: models  ## an openai-SDK agent chains N tool calls (default 1000) th
 
 serve: setup  ## run vLLM for PROFILE (DRY_RUN=1 prints the exact command)
 	@$(KIT) serve $(PROFILE) $(if $(DRY_RUN),--dry-run) $(foreach s,$(SET),--set $(s)) $(foreach a,$(ADAPTERS),--adapter $(a))
+
+plan: setup  ## memory plan for PROFILE: weights, KV cache, GDN state per GPU; refuses what cannot start (SET= as serve)
+	@$(KIT) plan $(PROFILE) $(foreach s,$(SET),--set $(s))
 
 gateway: setup  ## run the gateway (configs/gateway.yaml, KIT_GATEWAY_* env)
 	@$(KIT) gateway

