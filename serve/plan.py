@@ -23,6 +23,11 @@ Where the formulas come from (vLLM 0.32, the installed ``vllm`` package):
 - Hybrid paging: vLLM makes one attention block at least as large as one layer's state and pads the state
   page to it (vllm/platforms/interface.py ``_align_hybrid_block_size``), so a state costs a whole number
   of attention pages; block sizes are multiples of :data:`KERNEL_BLOCK_ALIGN` tokens.
+- State pages per running sequence and layer: ``1 + num_speculative_tokens``, or ``2 +
+  num_speculative_tokens`` in vLLM's mamba "align" cache mode, which vLLM turns on for Qwen3.5/3.6 when
+  prefix caching is on (its default; log line "Mamba cache mode is set to 'align' ... when prefix caching
+  is enabled"): vllm/v1/kv_cache_interface.py ``MambaSpec.max_memory_usage_bytes``, with
+  ``num_speculative_blocks = num_speculative_tokens`` (vllm/model_executor/layers/mamba/abstract.py).
 - vLLM needs room for one ``max_model_len`` request at start (vllm/v1/core/kv_cache_utils.py
   ``check_enough_kv_cache_memory``). The planner also wants a state block for every one of
   ``max_num_seqs`` sequences: with vLLM's default 1024 a same-architecture 27B aborted start-up on a 96 GB
@@ -261,6 +266,8 @@ class Plan:
     state_recurrent: int
     state_per_seq: int
     """Bytes per running sequence on one GPU, all linear-attention layers, padded to attention pages."""
+    state_pages: int
+    """State pages each running sequence holds per linear-attention layer (see the module docstring)."""
     block_tokens: int
     """Attention block size that holds one layer's state (0 for models without linear attention)."""
     max_model_len: int
@@ -313,9 +320,9 @@ class Plan:
         if self.state_layers:
             lines.append(
                 f"  GDN state       {_mib(self.state_per_seq)} per running sequence "
-                f"({self.state_layers} layers x (conv {_kib(self.state_conv)} + "
-                f"recurrent {_mib(self.state_recurrent)}), padded to "
-                f"{self.block_tokens}-token pages); x max_num_seqs {self.max_num_seqs} = "
+                f"({self.state_layers} layers x {self.state_pages} pages x (conv {_kib(self.state_conv)} + "
+                f"recurrent {_mib(self.state_recurrent)}) padded to {self.block_tokens} tokens of KV); "
+                f"x max_num_seqs {self.max_num_seqs} = "
                 f"{g(self.state_per_seq * self.max_num_seqs)}"
             )
         lines.append(f"  => KV tokens total: {self.kv_tokens:,}")
@@ -483,11 +490,14 @@ def plan(resolved: ResolvedProfile, smi: list[int] | None = None) -> Plan:
     kv_per_token = kv_layers * kv_layer
     state_layers = math.ceil(arch.num_linear_attention_layers / pp)
     conv, recurrent = gdn_state_bytes_per_layer(arch, tp, model_dtype, num_spec)
+    # Prefix caching is vLLM's default (None) for this model family; off only when the profile says false.
+    align = vllm.enable_prefix_caching is not False
+    state_pages = (2 if align else 1) + num_spec
     block_tokens = 0
     state_per_seq = 0
     if state_layers and kv_layer:
         block_tokens = KERNEL_BLOCK_ALIGN * math.ceil((conv + recurrent) / (KERNEL_BLOCK_ALIGN * kv_layer))
-        state_per_seq = state_layers * block_tokens * kv_layer
+        state_per_seq = state_layers * state_pages * block_tokens * kv_layer
 
     weights = weight_bytes(arch, model_dtype, vllm.language_model_only, mtp_layers > 0, tp * pp)
     gpu: GpuMemory | None = None
@@ -567,6 +577,7 @@ def plan(resolved: ResolvedProfile, smi: list[int] | None = None) -> Plan:
         kv_per_token=kv_per_token,
         kv_dtype=kv_dtype,
         mtp_layers=mtp_layers,
+        state_pages=state_pages if state_layers else 0,
         state_layers=state_layers,
         state_conv=conv,
         state_recurrent=recurrent,

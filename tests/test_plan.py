@@ -47,6 +47,10 @@ CONV_DIM = 2 * 16 * 128 + 48 * 128  # 10,240 channels
 CONV_TP1 = CONV_DIM * (4 - 1 + 1) * 2  # bf16: 81,920 bytes
 RECURRENT_TP1 = 48 * 128 * 128 * 4  # float32 (mamba_ssm_dtype): 3 MiB
 KV_LAYER_TP1 = 2 * 4 * 256 * 2  # K and V, 4 heads x 256 dims, bf16: 4,096 bytes per token per layer
+# State pages a running sequence holds per GDN layer: 2 + num_speculative_tokens in vLLM's "align" mamba
+# cache mode, which prefix caching (on in every shipped GPU profile) selects for this model
+# (vllm/v1/kv_cache_interface.py MambaSpec.max_memory_usage_bytes); 1 + num_speculative_tokens without it.
+PAGES = 2 + 1
 
 
 @pytest.fixture(autouse=True)
@@ -73,20 +77,21 @@ def test_one_h200_bf16():
     assert 16 * KV_LAYER_TP1 == 64 * 1024
     assert result.kv_per_token == 17 * KV_LAYER_TP1 == 69_632
     # GDN: 81,920 + 3,145,728 = 3,227,648 bytes per layer; pages of 16 x ceil(3,227,648 / (16 x 4,096)) = 800
-    # tokens (3,276,800 bytes) hold it; x 48 layers = 157,286,400 bytes = 150 MiB per running sequence
+    # tokens (3,276,800 bytes) hold it; x 3 pages x 48 layers = 471,859,200 bytes = 450 MiB per sequence
     assert (result.state_conv, result.state_recurrent) == (CONV_TP1, RECURRENT_TP1)
     assert result.block_tokens == 16 * math.ceil((CONV_TP1 + RECURRENT_TP1) / (16 * KV_LAYER_TP1)) == 800
-    assert result.state_per_seq == 48 * 800 * KV_LAYER_TP1 == 157_286_400
+    assert result.state_pages == PAGES
+    assert result.state_per_seq == 48 * PAGES * 800 * KV_LAYER_TP1 == 471_859_200
     # Budget: 140.4 GiB x 0.92; headroom: 2 GiB (assumption) + 8,192 tokens x 3 x 17,408 x 2 bytes (MLP) +
     # 64 seqs x 2 tokens x 248,320 x 4 bytes (float32 logits)
     activations = 8192 * 3 * 17408 * 2 + 64 * 2 * 248320 * 4
     pool = _budget(140.4, 0.92) - CHECKPOINT_BYTES - 2 * GIB - activations
     assert result.pool == pool
     assert 74 * GIB < pool < 75 * GIB
-    kv_tokens = (pool - 64 * 157_286_400) // 69_632
+    kv_tokens = (pool - 64 * 471_859_200) // 69_632
     assert result.kv_tokens == kv_tokens
     assert result.context_at_max_num_seqs == kv_tokens // 64  # ~15.7k tokens each with 64 running
-    assert result.full_length_seqs == pool // (262_144 * 69_632 + 157_286_400) == 4
+    assert result.full_length_seqs == pool // (262_144 * 69_632 + 471_859_200) == 4
     assert result.fits
 
 
@@ -98,13 +103,13 @@ def test_two_h100_tensor_parallel_2():
     conv, recurrent = CONV_DIM // 2 * 4 * 2, 24 * 128 * 128 * 4
     assert (result.state_conv, result.state_recurrent) == (conv, recurrent) == (40_960, 1_572_864)
     assert result.block_tokens == 16 * math.ceil((conv + recurrent) / (16 * kv_layer)) == 800
-    assert result.state_per_seq == 48 * 800 * kv_layer == 78_643_200
+    assert result.state_per_seq == 48 * PAGES * 800 * kv_layer == 235_929_600
     assert result.weights.total == CHECKPOINT_BYTES // 2  # each part splits evenly over the 2 ranks
     activations = 8192 * 3 * 17408 // 2 * 2 + 48 * 2 * 248320 // 2 * 4
     pool = _budget(79.6, 0.92) - CHECKPOINT_BYTES // 2 - 2 * GIB - activations
     assert result.pool == pool
-    assert result.kv_tokens == (pool - 48 * 78_643_200) // 34_816
-    assert result.full_length_seqs == pool // (262_144 * 34_816 + 78_643_200) == 5
+    assert result.kv_tokens == (pool - 48 * 235_929_600) // 34_816
+    assert result.full_length_seqs == pool // (262_144 * 34_816 + 235_929_600) == 5
     assert result.fits
 
 
@@ -120,7 +125,7 @@ def test_one_h100_fp8_checkpoint():
     activations = 8192 * 3 * 17408 * 2 + 32 * 2 * 248320 * 4
     pool = _budget(79.6, 0.92) - result.weights.total - 2 * GIB - activations
     assert result.pool == pool
-    assert result.kv_tokens == (pool - 32 * 157_286_400) // 69_632
+    assert result.kv_tokens == (pool - 32 * 471_859_200) // 69_632
     assert result.context_at_max_num_seqs == result.kv_tokens // 32
     assert result.fits
 
@@ -136,6 +141,17 @@ def test_fp8_kv_and_language_model_only_free_memory():
     assert text.pool - base.pool == VISION_PARAMS * 2
     assert any("language_model_only: off; on would free 0.9 GiB" in s for s in base.savings)
     assert any("language_model_only: on, frees 0.9 GiB" in s for s in text.savings)
+
+
+def test_without_prefix_caching_a_sequence_holds_one_state_page_less():
+    on = plan(load_profile(ROOT, "h200"))
+    off = plan(load_profile(ROOT, "h200", {"vllm.enable_prefix_caching": False}))
+    assert (on.state_pages, off.state_pages) == (3, 2)  # 2 + 1 speculative token; 1 + 1
+    assert off.state_per_seq == 48 * 2 * 800 * KV_LAYER_TP1
+    no_mtp = plan(load_profile(ROOT, "h200", {"vllm.speculative_config": None}))
+    assert no_mtp.state_pages == 2 and no_mtp.kv_per_token == 16 * KV_LAYER_TP1 == 64 * 1024
+    assert no_mtp.state_conv == CONV_DIM * 3 * 2  # kernel - 1 columns without drafts
+    assert no_mtp.weights.mtp == 0
 
 
 def test_an_impossible_profile_is_refused_with_the_nearest_setting_that_fits():
@@ -161,27 +177,27 @@ def test_the_largest_max_num_seqs_is_suggested():
     assert not result.fits
     line = next(s for s in result.suggestions if s.startswith("--set vllm.max_num_seqs="))
     n = int(line.split("=")[1].split()[0])
-    # by hand: (pool - one 262,144-token sequence's KV) // (150 MiB of state + 2 x 248,320 float32 logits),
+    # by hand: (pool - one 262,144-token sequence's KV) // (450 MiB of state + 2 x 248,320 float32 logits),
     # where the pool is counted without the refused 1024 sequences' logits
     logits = 2 * 248_320 * 4
-    assert n == (result.pool + 1024 * logits - 262_144 * 69_632) // (157_286_400 + logits)
+    assert n == (result.pool + 1024 * logits - 262_144 * 69_632) // (471_859_200 + logits)
     assert plan(load_profile(ROOT, "h200", {"vllm.max_num_seqs": n})).fits
     assert not plan(load_profile(ROOT, "h200", {"vllm.max_num_seqs": n + 1})).fits
-    # 1024 states alone (150 GiB) exceed the pool: no max_model_len can help there
+    # 1024 states alone (450 GiB) exceed the pool: no max_model_len can help there
     assert not any(s.startswith("--set vllm.max_model_len=") for s in result.suggestions)
 
 
 def test_the_longest_max_model_len_is_suggested():
-    # 400 sequences x 150 MiB = 58.6 GiB of state leaves ~16 GiB: less than one 262,144-token sequence
+    # 140 sequences x 450 MiB = 61.5 GiB of state leaves ~13 GiB: less than one 262,144-token sequence
     # (17 GiB)
-    result = plan(load_profile(ROOT, "h200", {"vllm.max_num_seqs": 400}))
+    result = plan(load_profile(ROOT, "h200", {"vllm.max_num_seqs": 140}))
     assert not result.fits
     line = next(s for s in result.suggestions if s.startswith("--set vllm.max_model_len="))
     length = int(line.split("=")[1].split()[0])
-    assert length == (result.pool - 400 * 157_286_400) // 69_632 // 1024 * 1024  # whole KiB-tokens
-    assert plan(load_profile(ROOT, "h200", {"vllm.max_num_seqs": 400, "vllm.max_model_len": length})).fits
+    assert length == (result.pool - 140 * 471_859_200) // 69_632 // 1024 * 1024  # whole KiB-tokens
+    assert plan(load_profile(ROOT, "h200", {"vllm.max_num_seqs": 140, "vllm.max_model_len": length})).fits
     assert not plan(
-        load_profile(ROOT, "h200", {"vllm.max_num_seqs": 400, "vllm.max_model_len": length + 1024})
+        load_profile(ROOT, "h200", {"vllm.max_num_seqs": 140, "vllm.max_model_len": length + 1024})
     ).fits
 
 
@@ -276,5 +292,5 @@ def test_make_plan_takes_the_same_set_overrides_as_make_serve():
     )
     assert run.returncode == 0, run.stderr
     assert "max context at max_num_seqs 32" in run.stdout
-    # ~74.6 GiB pool // (131,072 x 68 KiB = 8.5 GiB of KV + 150 MiB of state) = 8
+    # ~74.6 GiB pool // (131,072 x 68 KiB = 8.5 GiB of KV + 450 MiB of state) = 8
     assert "concurrent full-length (131,072-token) sequences: 8" in run.stdout
