@@ -527,7 +527,10 @@ def plan(resolved: ResolvedProfile, smi: list[int] | None = None) -> Plan:
         return max(0, (pool_bytes - n_seqs * state_per_seq) // per_token)
 
     kv_tokens = kv_tokens_for(seqs)
-    full_len = min(seqs, max(0, pool // (max_len * kv_per_token + state_per_seq)))
+    # vLLM gives a request whole attention blocks (cdiv(max_model_len, block_size)), as its
+    # "Maximum concurrency" figure counts them (vllm/v1/core/kv_cache_utils.py).
+    seq_kv = (math.ceil(max_len / block_tokens) * block_tokens if block_tokens else max_len) * kv_per_token
+    full_len = min(seqs, max(0, pool // (seq_kv + state_per_seq)))
     context = min(max_len, kv_tokens // seqs)
 
     if cuda and budget - weights.total - runtime - activations <= 0 and vllm.kv_cache_memory_bytes is None:
@@ -544,17 +547,27 @@ def plan(resolved: ResolvedProfile, smi: list[int] | None = None) -> Plan:
             f"weights ({_gib(weights.total)}) + kv_cache_memory_bytes ({_gib(pool)}) + headroom "
             f"({_gib(runtime + activations)}) exceed the {_gib(budget)} vLLM may use per GPU"
         )
-    need = seqs * state_per_seq + max_len * kv_per_token
+    need = seqs * state_per_seq + seq_kv
     if pool > 0 and need > pool:
         problems.append(
             f"max_num_seqs {seqs} x {_mib(state_per_seq)} of state + one {max_len:,}-token sequence's KV "
-            f"({_gib(max_len * kv_per_token)}) = {_gib(need)} > the {_gib(pool)} KV cache pool"
+            f"({_gib(seq_kv)}) = {_gib(need)} > the {_gib(pool)} KV cache pool"
         )
     if problems:
         fixed = vllm.kv_cache_memory_bytes is not None or not cuda
         logits_per_seq = 0 if fixed else (1 + num_spec) * arch.vocab_size // tp * 4
         suggestions = _nearest(
-            resolved, pool, max_len, seqs, kv_per_token, state_per_seq, kv_layers, kv_layer, logits_per_seq
+            resolved,
+            pool,
+            max_len,
+            seqs,
+            kv_per_token,
+            state_per_seq,
+            kv_layers,
+            kv_layer,
+            logits_per_seq,
+            seq_kv,
+            block_tokens,
         )
 
     savings = _savings(
@@ -605,6 +618,8 @@ def _nearest(
     kv_layers: int,
     kv_layer: int,
     logits_per_seq: int,
+    seq_kv: int,
+    block_tokens: int,
 ) -> list[str]:
     """Settings close to the refused one that fit: the largest ``max_num_seqs`` at this context, the
     longest ``max_model_len`` at this ``max_num_seqs``, fp8 KV, or both lowered.
@@ -623,16 +638,20 @@ def _nearest(
         return out
     pool0 = pool + seqs * logits_per_seq  # the pool with no sequence's logits taken out
     per_seq = state_per_seq + logits_per_seq
-    fit_seqs = (pool0 - max_len * kv_per_token) // per_seq if state_per_seq else 0
+    fit_seqs = (pool0 - seq_kv) // per_seq if state_per_seq else 0
     if state_per_seq and fit_seqs >= 1:
         out.append(f"--set vllm.max_num_seqs={min(fit_seqs, seqs - 1)}   (keeps max_model_len {max_len:,})")
     fit_len = (pool - seqs * state_per_seq) // kv_per_token
+    if block_tokens:  # whole attention blocks only
+        fit_len = fit_len // block_tokens * block_tokens
     fit_len = fit_len // 1024 * 1024 if fit_len >= 2048 else fit_len // 16 * 16
     if fit_len >= 16:
         out.append(f"--set vllm.max_model_len={min(fit_len, max_len - 1)}   (keeps max_num_seqs {seqs})")
     if (vllm.kv_cache_dtype or "auto") == "auto" and kv_layer:
         half = kv_layers * (kv_layer // 2)
-        if seqs * state_per_seq + max_len * half <= pool:
+        # fp8 halves the bytes per token, so vLLM's pages hold twice the tokens
+        blocks = 2 * block_tokens if block_tokens else 1
+        if seqs * state_per_seq + math.ceil(max_len / blocks) * blocks * half <= pool:
             out.append("--set vllm.kv_cache_dtype=fp8   (keeps both; halves KV per token)")
     if not out and state_per_seq:
         # Neither knob alone fits: give the states at most half the pool and the context the rest.

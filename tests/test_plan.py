@@ -91,7 +91,8 @@ def test_one_h200_bf16():
     kv_tokens = (pool - 64 * 471_859_200) // 69_632
     assert result.kv_tokens == kv_tokens
     assert result.context_at_max_num_seqs == kv_tokens // 64  # ~15.7k tokens each with 64 running
-    assert result.full_length_seqs == pool // (262_144 * 69_632 + 471_859_200) == 4
+    # a request gets whole 800-token blocks: 262,144 tokens -> 328 blocks = 262,400 tokens of KV
+    assert result.full_length_seqs == pool // (262_400 * 69_632 + 471_859_200) == 4
     assert result.fits
 
 
@@ -109,7 +110,7 @@ def test_two_h100_tensor_parallel_2():
     pool = _budget(79.6, 0.92) - CHECKPOINT_BYTES // 2 - 2 * GIB - activations
     assert result.pool == pool
     assert result.kv_tokens == (pool - 48 * 235_929_600) // 34_816
-    assert result.full_length_seqs == pool // (262_144 * 34_816 + 235_929_600) == 5
+    assert result.full_length_seqs == pool // (262_400 * 34_816 + 235_929_600) == 5
     assert result.fits
 
 
@@ -180,7 +181,7 @@ def test_the_largest_max_num_seqs_is_suggested():
     # by hand: (pool - one 262,144-token sequence's KV) // (450 MiB of state + 2 x 248,320 float32 logits),
     # where the pool is counted without the refused 1024 sequences' logits
     logits = 2 * 248_320 * 4
-    assert n == (result.pool + 1024 * logits - 262_144 * 69_632) // (471_859_200 + logits)
+    assert n == (result.pool + 1024 * logits - 262_400 * 69_632) // (471_859_200 + logits)  # 328 blocks
     assert plan(load_profile(ROOT, "h200", {"vllm.max_num_seqs": n})).fits
     assert not plan(load_profile(ROOT, "h200", {"vllm.max_num_seqs": n + 1})).fits
     # 1024 states alone (450 GiB) exceed the pool: no max_model_len can help there
@@ -194,7 +195,8 @@ def test_the_longest_max_model_len_is_suggested():
     assert not result.fits
     line = next(s for s in result.suggestions if s.startswith("--set vllm.max_model_len="))
     length = int(line.split("=")[1].split()[0])
-    assert length == (result.pool - 140 * 471_859_200) // 69_632 // 1024 * 1024  # whole KiB-tokens
+    # whole 800-token blocks, then whole multiples of 1,024 tokens
+    assert length == (result.pool - 140 * 471_859_200) // 69_632 // 800 * 800 // 1024 * 1024
     assert plan(load_profile(ROOT, "h200", {"vllm.max_num_seqs": 140, "vllm.max_model_len": length})).fits
     assert not plan(
         load_profile(ROOT, "h200", {"vllm.max_num_seqs": 140, "vllm.max_model_len": length + 1024})
