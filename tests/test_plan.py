@@ -261,6 +261,8 @@ def test_kit_plan_refuses_with_exit_2_and_serve_runs_it_before_anything_else(cap
     # kit serve plans before it even looks for the weights ...
     assert kit(["--root", str(ROOT), "serve", "h100-fp8", *args]) == 2
     assert "does not fit its GPU memory" in capsys.readouterr().err
+    assert kit(["--root", str(ROOT), "up", "h100-fp8", *args]) == 2  # kit up too
+    assert "does not fit its GPU memory" in capsys.readouterr().err
     # ... and the override skips the plan (here it then stops at the missing download)
     assert kit(["--root", str(ROOT), "serve", "h100-fp8", *args, "--no-plan-check"]) == 2
     err = capsys.readouterr().err
