@@ -210,6 +210,9 @@ def summary(
         f"agent:     {result.calls} tool calls in {result.turns} turns, {len(result.sent)} requests "
         f"({result.replays} replays) in {result.elapsed_s:.1f} s ({data['tool_calls_per_s']} calls/s)",
         f"turns:     {choices}; results fed back {result.results_fed_back}",
+        f"schema:    calls whose arguments break their tool's strict schema, by finish_reason: "
+        f"{dict(result.outside_schema) or 0} ({result.outside_schema_by_whitespace} only by whitespace "
+        "around a string value)",
         f"tokens:    prompt {tokens['prompt']:,}, completion {tokens['completion']:,}; prompt per turn "
         f"{tokens['prompt_per_turn_min']}-{tokens['prompt_per_turn_max']} of {result.max_model_len}; "
         f"history trimmed {result.trims} times ({result.dropped_units} exchanges dropped)",
@@ -230,6 +233,7 @@ def readme_block(record: dict[str, Any], out: Path) -> str:
     """The README's figures for one run."""
     agent, ledger = record["agent"], record["ledger"]
     tokens, history = agent["tokens"], agent["history"]
+    outside = agent["calls_outside_strict_schema"]
     choices = agent["by_tool_choice"]
     minutes, seconds = divmod(round(agent["elapsed_s"]), 60)
     total_min, total_sec = divmod(round(record["total_s"]), 60)
@@ -261,7 +265,13 @@ def readme_block(record: dict[str, Any], out: Path) -> str:
             f"{tokens['prompt_per_turn_max']} tokens in a {history['max_model_len']}-token context, the "
             f"history trimmed before {history['trims']:,} turns "
             f"({history['units_dropped']:,} exchanges dropped), "
-            f"{history['user_tasks']} user tasks. **Protocol errors: {agent['protocol_errors']}.** Ledger: "
+            f"{history['user_tasks']} user tasks; `finish_reason` "
+            + ", ".join(f"{k} {v:,}" for k, v in agent["finish_reasons"].items())
+            + "; calls whose parsed arguments break their tool's strict schema: "
+            + (", ".join(f"{v:,} ({k})" for k, v in outside["by_finish_reason"].items()) or "0")
+            + f", {outside['only_whitespace_around_a_string']:,} of them only by whitespace around a string "
+            "value. "
+            f"**Protocol errors: {agent['protocol_errors']}.** Ledger: "
             f"{ledger['rows_in_usage_ledger']:,} `usage_ledger` rows under the soak's key for "
             f"{ledger['requests']:,} requests ({ledger['rows_spilled']} spilled), "
             f"{ledger['lost']} lost, {ledger['duplicated']} duplicated, {ledger['unknown']} unknown, "

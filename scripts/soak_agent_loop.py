@@ -24,6 +24,10 @@ The soak checks the protocol, not the model (``answer_problems``, ``replay_probl
   a call of the assistant message before it;
 - an SDK error (HTTP status, connection, a stream that breaks) is a protocol error too.
 
+Arguments that parse but break their tool's strict schema (``schema_problems``) are counted by
+``finish_reason`` and sampled, not failed: that is vLLM's side of strict mode (the envelope's whitespace
+can land in a string value, past its ``maxLength``), not the protocol through the gateway.
+
 Why this gets real tool calls out of a random-weight model: ``tool_choice`` required / named make vLLM
 constrain decoding to its tool-call parser's envelope (the ``qwen3_coder`` structural tag) and, for a
 strict tool, to the tool's argument schema, so the model's tokens are real decoded tokens that vLLM's
@@ -46,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 
 STRING = {"type": "string", "maxLength": 12}
@@ -285,6 +290,31 @@ def answer_problems(answer: Answer, turn: Turn, seen_ids: set[str]) -> list[str]
     return problems
 
 
+SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
+
+
+def schema_problems(answer: Answer) -> list[tuple[str, bool]]:
+    """Calls whose parsed arguments break their tool's JSON schema (every tool is ``strict: true``): one
+    line per call, and whether only whitespace around string values breaks it (the values stripped
+    would pass)."""
+    problems = []
+    for call in answer.calls:
+        schema = SCHEMAS.get(call.name)
+        try:
+            arguments = call.parsed()
+        except ValueError:
+            continue  # answer_problems says so
+        if schema is None or not isinstance(arguments, dict):
+            continue
+        validator = jsonschema.Draft202012Validator(schema)
+        errors = [error.message for error in validator.iter_errors(arguments)]
+        if errors:
+            stripped = {k: v.strip() if isinstance(v, str) else v for k, v in arguments.items()}
+            line = f"call {call.id} ({call.name}): arguments break its strict schema: {'; '.join(errors)}"
+            problems.append((line, validator.is_valid(stripped)))
+    return problems
+
+
 def replay_problems(first: Answer, again: Answer) -> list[str]:
     """Where the same greedy request, sent once streamed and once not, came back different."""
     problems = []
@@ -463,6 +493,11 @@ class LoopResult:
     dropped_units: int = 0
     tasks: int = 0
     results_fed_back: int = 0
+    outside_schema: Counter[str] = field(default_factory=Counter)
+    """Calls whose arguments break their tool's strict schema, by their answer's ``finish_reason``."""
+    outside_schema_by_whitespace: int = 0
+    """Of those, calls that only whitespace around a string value breaks."""
+    outside_schema_samples: list[str] = field(default_factory=list)
     replayed: Counter[str] = field(default_factory=Counter)
     """Replays by the first request's mode: ``streamed first`` / ``non-streamed first``."""
 
@@ -478,6 +513,11 @@ class LoopResult:
             "replays": self.replays,
             "replays_by_first_mode": dict(self.replayed),
             "results_fed_back": self.results_fed_back,
+            "calls_outside_strict_schema": {
+                "by_finish_reason": dict(self.outside_schema.most_common()),
+                "only_whitespace_around_a_string": self.outside_schema_by_whitespace,
+                "samples": self.outside_schema_samples,
+            },
             "requests": len(self.sent),
             "protocol_errors": len(self.problems),
             "problems": [p.to_json() for p in self.problems[:50]],
@@ -615,6 +655,11 @@ class AgentLoop:
                 self._problem(index, self._rid(index, "p"), f"outgoing messages: {problem}")
             answer = self._ask(turn, messages, turn.stream, "p")
             problems = answer_problems(answer, turn, self.seen_ids)
+            if outside := schema_problems(answer):
+                result.outside_schema[str(answer.finish_reason)] += len(outside)
+                result.outside_schema_by_whitespace += sum(whitespace for _, whitespace in outside)
+                lines = [line for line, _ in outside]
+                result.outside_schema_samples += lines[: 10 - len(result.outside_schema_samples)]
             if turn.replay and answer.error is None:
                 again = self._ask(turn, messages, not turn.stream, "r")
                 result.replays += 1
@@ -677,7 +722,7 @@ class AgentLoop:
             try:
                 output: Any = run_tool(call.name, call.parsed())
             except (ValueError, KeyError, TypeError) as exc:
-                output = {"error": str(exc)}  # already a protocol error; the model is told, as an agent would
+                output = {"error": str(exc)}  # outside its schema: the model is told, as an agent would
             results.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(output)})
         self.history.add([assistant, *results])
         self.result.results_fed_back += len(results)
