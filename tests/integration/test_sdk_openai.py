@@ -600,3 +600,52 @@ def test_a_key_over_its_rpm_gets_a_rate_limit_error_and_usage_shows_it(qwen3_5_t
     assert sum(r["refused"] for r in rows) == 1
     assert sum(r["prompt_tokens"] for r in rows) == sum(prompt for _, prompt in served)
     assert sum(r["completion_tokens"] for r in rows) == 2 * len(served)
+
+
+def _new_key(live: LiveStack, policy: KeyPolicy) -> str:
+    key = KeyStore(live.keys_db).create(f"sdk-{uuid.uuid4().hex[:6]}", policy)
+    wait_for(
+        lambda: (
+            httpx.get(live.gateway + "/v1/models", headers={"authorization": f"Bearer {key}"}).status_code
+            == 200
+        ),
+        15,
+        "the gateway never accepted the new key",
+    )
+    return key
+
+
+def test_a_keys_thinking_budget_ends_the_reasoning_and_the_answer_still_comes(qwen3_5_tiny_bare: LiveStack):
+    """vLLM 0.32's thinking_token_budget, set by the gateway from the key: without it the random model
+    thinks for longer than the budget (greedy: 32 of its 48 tokens); with a budget of 8 vLLM forces the
+    end of the reasoning and the rest of the tokens are the answer. The thinking-off key is the cheap case."""
+    live = qwen3_5_tiny_bare
+    costs: dict[str, tuple[int, int, int]] = {}
+    for label, policy in (
+        ("thinking on", KeyPolicy()),
+        ("budget 8", KeyPolicy(thinking_budget=8)),
+        ("thinking off", KeyPolicy(enable_thinking=False)),
+    ):
+        request_id = rid(label.replace(" ", "-"))
+        reply = client_for(live, _new_key(live, policy)).chat.completions.create(
+            model=live.model,
+            messages=QUESTION,
+            max_tokens=48,
+            temperature=0,
+            extra_body=WHOLE,
+            **tagged(request_id),
+        )
+        assert reply.usage is not None and reply.usage.completion_tokens_details is not None
+        reasoning = reply.usage.completion_tokens_details.reasoning_tokens or 0
+        costs[label] = (reply.usage.prompt_tokens, reply.usage.completion_tokens, reasoning)
+        row = ledger_row(live.keys_db, request_id)
+        assert row["reasoning_tokens"] == reasoning, row
+        content = reply.choices[0].message.content
+        if label == "thinking on":
+            assert reasoning > 12, reasoning
+        elif label == "budget 8":
+            # At most the budget (and the forced end marker); everything after it is answer.
+            assert 0 < reasoning <= 12 and content, (reasoning, content)
+        else:
+            assert reasoning == 0 and content
+    print("tokens (prompt, completion, reasoning):", costs)  # the README's thinking-cost table
