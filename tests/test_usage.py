@@ -106,7 +106,11 @@ def test_body_usage_read_from_the_tail_matches_a_whole_parse():
             "object": "response",
             "status": "completed",
             "output": [{"content": [{"text": tricky}]}],
-            "usage": {"input_tokens": 4, "output_tokens": 6, "output_tokens_details": {"reasoning_tokens": 1}},
+            "usage": {
+                "input_tokens": 4,
+                "output_tokens": 6,
+                "output_tokens_details": {"reasoning_tokens": 1},
+            },
         },
     ]
     for obj in bodies:
