@@ -27,6 +27,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -249,7 +250,7 @@ def readme_block(record: dict[str, Any], out: Path) -> str:
         where = out.resolve().relative_to(ROOT)
     except ValueError:
         where = out
-    return "\n".join(
+    lines = "\n".join(
         [
             "| tool_choice | turns | tool calls | answered in text only |",
             "|---|---|---|---|",
@@ -280,6 +281,13 @@ def readme_block(record: dict[str, Any], out: Path) -> str:
             f"{record['date'][:10]}, commit {(record['git_commit'] or '?')[:7]}, "
             f"{record['machine']['cpus']} CPUs shared with other jobs, `{where}`.",
         ]
+    )
+    # Prose lines wrapped like the rest of the README (tables left alone).
+    return "\n".join(
+        line
+        if line.startswith("|")
+        else textwrap.fill(line, 105, break_long_words=False, break_on_hyphens=False)
+        for line in lines.split("\n")
     )
 
 
