@@ -233,6 +233,11 @@ def test_offline_mode_accepts_a_complete_copy_only(hub, settings, tmp_path, monk
     assert hub.log == [] and "offline" in lines[-1]
 
 
+# The tiny model's folder stands in for the 27B's: a context within its positions, and no memory plan
+# (its architecture numbers are not the 27B's); the download checks are what these tests are about.
+TINY_FITS = ("--set", "vllm.max_model_len=1024", "--set", "plan.check=false")
+
+
 def _kit(root: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "serve.cli", "--root", str(root), *args],
@@ -256,7 +261,7 @@ def test_cli_download_then_serve_accepts_only_a_verified_copy_of_the_configured_
     local = root / "models" / "qwen3.6-27b"
     local.mkdir(parents=True)
     shutil.copy(TINY / "config.json", local / "config.json")
-    refused = _kit(root, "serve", "h200", env=env)
+    refused = _kit(root, "serve", "h200", *TINY_FITS, env=env)
     assert refused.returncode == 2
     assert "not a verified download" in refused.stderr and "make download MODEL=qwen3.6-27b" in refused.stderr
 
@@ -266,7 +271,7 @@ def test_cli_download_then_serve_accepts_only_a_verified_copy_of_the_configured_
     got = _kit(root, "download", "--repo", "someone/Qwen3.6-27B", "--revision", COMMIT, env=env)
     assert got.returncode == 0, got.stderr
     assert "files verified" in got.stdout and completion_problem(local) is None
-    other_repo = _kit(root, "serve", "h200", env=env)
+    other_repo = _kit(root, "serve", "h200", *TINY_FITS, env=env)
     assert other_repo.returncode == 2, other_repo.stderr
     assert "holds repo someone/Qwen3.6-27B" in other_repo.stderr
     assert "expects repo Qwen/Qwen3.6-27B" in other_repo.stderr
@@ -280,7 +285,7 @@ def test_cli_download_then_serve_accepts_only_a_verified_copy_of_the_configured_
     assert completion_problem(local) is None
     pinned = load_model_config(root / "configs", "qwen3.6-27b").revision
     assert pinned is not None and pinned != COMMIT
-    other_revision = _kit(root, "serve", "h200", env=env)
+    other_revision = _kit(root, "serve", "h200", *TINY_FITS, env=env)
     assert other_revision.returncode == 2, other_revision.stderr
     assert f"Qwen/Qwen3.6-27B at revision {COMMIT}" in other_revision.stderr
     assert f"expects revision {pinned}" in other_revision.stderr
@@ -289,8 +294,8 @@ def test_cli_download_then_serve_accepts_only_a_verified_copy_of_the_configured_
     # Pinned on the snapshot that was downloaded, the verified folder is ready to serve.
     config = root / "configs" / "models" / "qwen3.6-27b.yaml"
     config.write_text(config.read_text().replace(pinned, COMMIT))
-    assert not_ready_reason(load_profile(root, "h200")) is None
-    dry = _kit(root, "serve", "h200", "--dry-run", env=env)
+    assert not_ready_reason(load_profile(root, "h200", {"vllm.max_model_len": 1024})) is None
+    dry = _kit(root, "serve", "h200", *TINY_FITS, "--dry-run", env=env)
     assert dry.returncode == 0 and f"vllm serve {local}" in dry.stdout
 
 
