@@ -530,6 +530,7 @@ def test_the_readme_s_recipe_for_serving_a_merged_model_gives_a_ready_profile(ad
     }
     (root / "configs" / "models" / "my-merged.yaml").write_text(yaml.safe_dump(model))
     profile = yaml.safe_load((ROOT / "configs" / "serve" / "h200.yaml").read_text()) | {"model": "my-merged"}
+    profile["vllm"]["max_model_len"] = 1024  # the tiny stand-in has 4096 positions, the 27B 262,144
     (root / "configs" / "serve" / "h200-my-merged.yaml").write_text(yaml.safe_dump(profile))
     resolved = load_profile(root, "h200-my-merged")
     assert not_ready_reason(resolved) is None
