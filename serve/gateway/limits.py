@@ -144,11 +144,6 @@ def _columns(window: Window) -> dict[str, int]:
     return dict(zip(_WINDOW_COLUMNS, window, strict=True))
 
 
-def counts_tokens(policy: KeyPolicy) -> bool:
-    """Whether the key has a token limit (``tpm`` or a budget), so requests reserve tokens."""
-    return policy.counts_tokens
-
-
 def evaluate(
     stored: Window, policy: KeyPolicy, tokens: int, running: int, now: float
 ) -> tuple[Denial | None, Window]:
