@@ -2,7 +2,7 @@
 
 What a plain ``merge_and_unload`` + ``save_pretrained`` loses, and this puts back or checks:
 - ``mtp.*`` tensors: transformers drops them on load, so they are copied from the base (else MTP
-  speculative decoding breaks; shared/reference/qwen3.6-27b.md);
+  speculative decoding breaks; docs/reference.md#lora-on-qwen36-the-key-prefix-trap);
 - the padded vocabulary: embedding and output shapes must equal the base's (some merge paths shrink them
   to the tokenizer's size);
 - tokenizer, generation and preprocessor configs: copied from the base; the chat template is the one

@@ -7,7 +7,7 @@ Everything that can be checked without weights is checked first (``finetune.prep
 (all problems at once), template, sequence lengths, LoRA targets, the serve profile's LoRA limits. The
 base loads through the class vLLM serves (``architecture`` in the model config), so adapter keys match
 what vLLM looks up: an adapter trained through ``Qwen3_5ForCausalLM`` would load in vLLM without error
-and change nothing (shared/reference/qwen3.6-27b.md, vLLM issues 48019 and 49354).
+and change nothing (docs/reference.md#lora-on-qwen36-the-key-prefix-trap, vLLM issues 48019 and 49354).
 """
 
 from __future__ import annotations

