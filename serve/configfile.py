@@ -49,6 +49,21 @@ def _line_for(loc: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> int:
     return 1
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` pairs (``vllm.max_model_len=32768``) as ``{dotted key: YAML value}``.
+
+    Raises:
+        ConfigError: a pair without ``=`` or with an empty key.
+    """
+    result: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError([f"--set {pair!r}: expected KEY=VALUE, e.g. --set vllm.max_num_seqs=64"])
+        result[key] = yaml.safe_load(value)
+    return result
+
+
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``data["a"]["b"] = value`` for ``dotted == "a.b"``, creating mappings on the way."""
     *parents, last = dotted.split(".")

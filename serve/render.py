@@ -27,8 +27,7 @@ _UNTRUSTED_WHY = {
     "avx512_bf16": "not measured on this vLLM build",
 }
 _EMULATED_WHY = (
-    "so bf16 would be emulated; float32 served SmolLM2 4.3x faster on such a CPU "
-    "(shared/reference/vllm-cpu.md)"
+    "so bf16 would be emulated; float32 served SmolLM2 4.3x faster on such a CPU (docs/reference.md)"
 )
 
 # Serving reads local weights only and reports nothing home: private deployments stay private.
@@ -96,8 +95,9 @@ def choose_cpu_dtype(
 
     The CPU's best bf16 instruction set (:data:`CPU_BF16_ISAS`, AMX first) decides: bfloat16 when it is
     in ``trusted`` (the profile's ``cpu_bf16_isas``), float32 when it is not or when the CPU has none (bf16
-    is then emulated, 4.3x slower than float32 in the measurement of shared/reference/vllm-cpu.md). A
-    model that vllm-cpu runs only in bf16 (``cpu_requires_bfloat16``) gets bfloat16 everywhere.
+    is then emulated, 4.3x slower than float32 in the measurement in
+    docs/reference.md#dtype-on-cpus-without-native-bf16). A model that vllm-cpu runs only in bf16
+    (``cpu_requires_bfloat16``) gets bfloat16 everywhere.
 
     Args:
         flags: the CPU's feature flags (:func:`cpu_flags`).
@@ -207,7 +207,7 @@ def render(resolved: ResolvedProfile, python: str | None = None, cpuinfo: str | 
     Returns:
         ``vllm serve <model_dir> ...`` for cuda profiles; ``python -m serve.vllm_launcher serve ...`` for
         cpu profiles, because the ``vllm`` console script of the ``vllm-cpu`` distribution dies on start
-        (shared/reference/vllm-cpu.md, fix 1). ``notes`` says why a cpu profile got its dtype.
+        (docs/reference.md, "vllm-cpu install fixes", fix 1). ``notes`` says why a cpu profile got its dtype.
     """
     model_dir = str(Path(resolved.model_dir))
     if resolved.profile.vllm_build == "cpu":
