@@ -5,7 +5,8 @@
     python scripts/bench_finetune.py --full-size-qwen3.6 --seq-len 2048 [--no-fast-kernels]   # one GPU
 
 ``--full-size-qwen3.6`` builds Qwen3.6-27B's architecture with random bf16 weights from the numbers in
-shared/reference/qwen3.6-27b.md (no download) and trains bf16 LoRA with gradient checkpointing.
+docs/reference.md#qwen36-27b-architecture-configjson (no download) and trains bf16 LoRA with gradient
+checkpointing.
 ``--no-fast-kernels`` hides flash-linear-attention / causal-conv1d so transformers takes its torch
 fallback for the Gated DeltaNet layers (it picks the implementation when it is imported).
 Timed steps follow warm-up steps; tokens/s counts every input token of the timed steps.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Qwen3.6-27B text and vision sizes (shared/reference/qwen3.6-27b.md, from the checkpoint's config.json).
+# Qwen3.6-27B text and vision sizes (docs/reference.md, from the checkpoint's config.json).
 QWEN36_TEXT = {
     "hidden_size": 5120,
     "num_hidden_layers": 64,

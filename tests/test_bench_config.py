@@ -30,7 +30,7 @@ def test_full_size_architecture_has_27b_parameters_and_the_config_targets_match(
     with torch.device("meta"):
         model = transformers.Qwen3_5ForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())
-    # 51.8 GiB of bf16 in the checkpoint (reference) = ~27.8e9 values, of which ~0.4e9 are MTP (not built).
+    # 51.8 GiB of bf16 in the checkpoint (docs/reference.md) = ~27.8e9 values, ~0.4e9 of them MTP (not built).
     assert 26.5e9 < params < 28.5e9, params
     lora = load_model_config(ROOT / "configs", "qwen3.6-27b").lora
     assert lora is not None and isinstance(lora.target_modules, str)
