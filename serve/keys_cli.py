@@ -2,7 +2,8 @@
 
 kit key create NAME [--models a,b*] [--rpm N] [--tpm N] [--max-concurrent N] [--budget-day N]
                     [--budget-month N] [--max-tokens N [--clamp]] [--max-n N] [--thinking on|off]
-                    [--thinking-budget N] [--admin] [--expires 2027-01-31|30d|12h]
+                    [--thinking-budget N] [--system-policy ID|none] [--admin]
+                    [--expires 2027-01-31|30d|12h]
 kit key set NAME [the same policy flags]      change the policy of a key name
 kit key rotate NAME [--grace 1h]              new secret; the old one works for the grace period
 kit key list | kit key revoke NAME
@@ -83,11 +84,21 @@ def add_policy_flags(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--" + name.replace("_", "-"), type=_positive, default=None, metavar="N")
     sub.add_argument("--clamp", action="store_true", default=None, help="lower max_tokens above the cap")
     sub.add_argument("--thinking", choices=["on", "off"], help="default enable_thinking for chat completions")
+    sub.add_argument(
+        "--system-policy",
+        metavar="ID",
+        help="a system_policies id from the gateway settings whose system message this key's requests get "
+        "('none' removes it)",
+    )
     sub.add_argument("--admin", action="store_true", default=None, help="may read everyone's usage")
 
 
-def policy_changes(args: argparse.Namespace) -> dict[str, Any]:
-    """The policy fields the command line sets."""
+def policy_changes(args: argparse.Namespace, settings: GatewaySettings | None = None) -> dict[str, Any]:
+    """The policy fields the command line sets.
+
+    Raises:
+        KeyError_: an empty ``--models``, or a ``--system-policy`` the gateway ``settings`` do not define.
+    """
     changes: dict[str, Any] = {n: getattr(args, n) for n in _LIMIT_FLAGS if getattr(args, n) is not None}
     if args.models is not None:
         models = tuple(m.strip() for m in args.models.split(",") if m.strip())
@@ -100,6 +111,16 @@ def policy_changes(args: argparse.Namespace) -> dict[str, Any]:
         changes["enable_thinking"] = args.thinking == "on"
     if args.admin:
         changes["admin"] = True
+    if getattr(args, "system_policy", None) is not None:
+        chosen = None if args.system_policy == "none" else args.system_policy
+        defined = settings.system_policies if settings is not None else {}
+        if chosen is not None and chosen not in defined:
+            known = ", ".join(sorted(defined)) or "none is defined"
+            raise KeyError_(
+                f"--system-policy {chosen!r}: the gateway settings define no such policy ({known}); add it "
+                "under system_policies in configs/gateway.yaml (or the KIT_GATEWAY_CONFIG file) first"
+            )
+        changes["system_policy"] = chosen
     return changes
 
 
@@ -119,7 +140,7 @@ def cmd_key(args: argparse.Namespace, settings: GatewaySettings) -> int:
     if args.action == "create":
         name = _require_name(args, "make key NAME=alice")
         expires = parse_expiry(args.expires) if args.expires else None
-        policy = KeyPolicy(**policy_changes(args))
+        policy = KeyPolicy(**policy_changes(args, settings))
         key = store.create(name, policy, expires)
         until = f", expires {expires:%Y-%m-%d %H:%M} UTC" if expires else ""
         print(f"created key {name!r} ({policy.describe()}{until}); it is shown only this once:\n{key}")
@@ -131,7 +152,7 @@ def cmd_key(args: argparse.Namespace, settings: GatewaySettings) -> int:
             )
     elif args.action == "set":
         name = _require_name(args, "make key-set NAME=alice RPM=60")
-        changes = policy_changes(args)
+        changes = policy_changes(args, settings)
         if not changes:
             raise KeyError_("nothing to change: give a policy flag, e.g. make key-set NAME=alice RPM=60")
         policy = store.set_policy(name, **changes)

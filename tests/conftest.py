@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -125,3 +126,12 @@ def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., tuple[ThreadedGate
     yield start
     for gateway in started:
         gateway.stop()
+
+
+@pytest.fixture
+def down_upstream_url() -> Iterator[str]:
+    """The URL of an upstream that refuses connections: a port held bound (not listening) for the test, so
+    no gateway the test starts can be given the same port and end up proxying to itself."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"

@@ -15,7 +15,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from serve.supervisor import free_port
+from serve.gateway.settings import GatewaySettings
 
 _HEAD = b'data: {"id":"c1","object":"chat.completion.chunk","model":"m","choices":'
 CHUNKS = [
@@ -211,8 +211,8 @@ def test_bodies_over_the_limit_get_413_json_declared_or_chunked(upstream, gatewa
     assert seen["paths"] == []
 
 
-def test_upstream_down_is_503_with_retry_after(gateway_factory):
-    gateway, key = gateway_factory(f"http://127.0.0.1:{free_port()}", retry_after_s=7)
+def test_upstream_down_is_503_with_retry_after(gateway_factory, down_upstream_url):
+    gateway, key = gateway_factory(down_upstream_url, retry_after_s=7)
     reply = httpx.post(
         gateway.url + "/v1/chat/completions",
         headers={"authorization": f"Bearer {key}"},
@@ -348,6 +348,23 @@ def test_readyz_requires_the_served_model(upstream, gateway_factory):
     assert reply.status_code == 503
     assert reply.json()["error"]["code"] == "model_not_loaded"
     assert httpx.get(waiting.url + "/healthz").status_code == 200
+
+
+def test_readyz_asks_the_configured_health_path_or_only_the_listing(serve_aiohttp, gateway_factory):
+    # An upstream like Ray Serve LLM's OpenAI app: a model listing, no /health.
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    server = serve_aiohttp(app)
+    asking, _ = gateway_factory(server.url, served_model_names=["m"])
+    reply = httpx.get(asking.url + "/readyz")
+    assert reply.status_code == 503 and reply.json()["error"]["code"] == "upstream_not_ready"
+    listing_only, _ = gateway_factory(server.url, served_model_names=["m"], upstream_health_path="")
+    assert httpx.get(listing_only.url + "/readyz").json() == {"status": "ready"}
+    with pytest.raises(ValueError, match="must be a path starting with '/'"):
+        GatewaySettings(upstream_health_path="health")
 
 
 def test_per_model_chat_template_kwargs_fill_only_what_the_request_leaves_unset(upstream, gateway_factory):

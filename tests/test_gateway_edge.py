@@ -90,3 +90,16 @@ def test_the_ledgers_client_ip_believes_forwarded_for_only_from_a_trusted_proxy(
         assert reply.status_code == 200
     rows = {row["request_id"]: row for row in read_ledger(f"sqlite:///{db}")}
     assert rows["fwd-1"]["client_ip"] == expected
+
+
+def test_a_multi_worker_gateway_removes_its_metrics_folder_when_it_stops(tmp_path, down_upstream_url):
+    # Prometheus's multiprocess mode needs a folder shared by the workers; `kit gateway` makes one under
+    # TMPDIR and must not leave one behind per start.
+    KeyStore(tmp_path / "gw.sqlite").create("metrics-folder")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    with gateway_process(tmp_path, down_upstream_url, {"TMPDIR": str(scratch)}) as gateway:
+        made = list(scratch.glob("kit-gateway-metrics-*"))
+        assert len(made) == 1 and made[0].is_dir(), made
+        assert httpx.get(gateway.url + "/healthz").status_code == 200
+    assert not made[0].exists()

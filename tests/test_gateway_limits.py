@@ -58,6 +58,17 @@ KEYS = {
 }
 
 
+def minute_requests(database: str, name: str) -> int:
+    """Requests the database's limit counter holds for key ``name`` in its current minute window."""
+    engine = open_engine(database)
+    try:
+        with engine.connect() as connection:
+            state = connection.execute(select(LimitState).where(LimitState.name == name)).one()
+        return int(state.minute_requests)
+    finally:
+        engine.dispose()
+
+
 @dataclass
 class FakeVllm:
     """What the fake upstream saw. A request whose body says ``"hold": true`` waits until ``release``
@@ -303,13 +314,7 @@ def test_rpm_admits_exactly_k_of_parallel_requests_across_two_workers(
             assert reply.body["error"]["type"] == "requests"
             assert reply.headers["x-ratelimit-limit"] == "rpm=5"
     if store != "memory":  # the database's counter says 5 too (a denial counts nothing)
-        engine = open_engine(gateway.database)
-        try:
-            with engine.connect() as connection:
-                state = connection.execute(select(LimitState).where(LimitState.name == "rpm")).one()
-            assert state.minute_requests == 5
-        finally:
-            engine.dispose()
+        assert minute_requests(gateway.database, "rpm") == 5
     # Spent for this minute: the next request is refused by whichever worker takes it.
     again = httpx.post(gateway.url + CHAT, json=chat(), headers=bearer(gateway.keys["rpm"]), timeout=30)
     assert again.status_code == 429

@@ -22,7 +22,6 @@ import pytest
 from aiohttp import web
 
 from serve.gateway.keys import KeyPolicy, KeyStore
-from serve.supervisor import free_port
 
 MODELS = ("m", "team-a", "team-b", "my", "other")
 CHAT_USAGE = {
@@ -319,6 +318,14 @@ def post(
     return httpx.post(gateway.url + path, content=raw, headers=headers, timeout=30)
 
 
+def relayed(gateway: Any, seen: Seen, key: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """POST ``body`` through ``gateway`` (it must answer 200) and return the body that reached the fake
+    upstream on ``path``: what the gateway's rewrites made of it."""
+    reply = post(gateway, key, path, body)
+    assert reply.status_code == 200, reply.text
+    return seen.last(path)
+
+
 def chat_body(model: str = "m", **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "Hi"}], **extra}
 
@@ -542,14 +549,18 @@ def test_gateway_errors_on_anthropic_routes_use_anthropics_shape(upstream, gatew
 
 
 @pytest.mark.parametrize("path", ANTHROPIC_PATHS)
-def test_upstream_down_on_anthropic_routes_is_503_in_anthropics_shape(gateway_factory, path):
-    gateway, key = gateway_factory(f"http://127.0.0.1:{free_port()}", retry_after_s=7)
+def test_upstream_down_on_anthropic_routes_is_503_in_anthropics_shape(
+    gateway_factory, path, down_upstream_url
+):
+    gateway, key = gateway_factory(down_upstream_url, retry_after_s=7)
     reply = post(gateway, key, path, messages_body())
     assert_anthropic_error(reply, 503, "overloaded_error")
     assert reply.headers["retry-after"] == "7"
 
 
-def test_openai_routes_keep_the_openai_envelope_for_the_same_errors(upstream, gateway_factory):
+def test_openai_routes_keep_the_openai_envelope_for_the_same_errors(
+    upstream, gateway_factory, down_upstream_url
+):
     server, seen = upstream
     gateway, _ = gateway_factory(server.url, key_cache_ttl_s=0, max_body_bytes=1024)
     key = add_key(gateway, "team", models=("m",))
@@ -561,7 +572,7 @@ def test_openai_routes_keep_the_openai_envelope_for_the_same_errors(upstream, ga
     wrong_method = httpx.get(gateway.url + path, headers={"authorization": f"Bearer {key}"})
     assert_openai_error(wrong_method, 405, "method_not_allowed")
     assert seen.requests == []
-    down, down_key = gateway_factory(f"http://127.0.0.1:{free_port()}")
+    down, down_key = gateway_factory(down_upstream_url)
     assert_openai_error(post(down, down_key, path, chat_body()), 503, "upstream_unavailable")
 
 

@@ -19,6 +19,7 @@ import httpx
 
 from serve.gateway.keys import KeyStore
 from tests.gateway_process import start_gateway_process
+from tests.polling import wait_for
 from tests.test_gateway_policy import fake_upstream
 from tests.test_ledger import read_ledger
 
@@ -95,7 +96,10 @@ def test_sigterm_lets_short_requests_finish_and_ends_the_rest_with_an_error(
     assert refused.status_code == 503 and refused.headers["retry-after"]
     assert refused.json()["error"]["code"] == "shutting_down"
     assert 1.5 < took < 20, took  # it waited for the grace period, then ended the rest
-    assert {"shutdown-stream", "shutdown-whole"} <= set(seen.left)  # vLLM was let go of both
+    # vLLM was let go of both: the fake notices a closed connection on its next 20 ms poll, which may come
+    # after the gateway's exit on a loaded machine.
+    let_go = {"shutdown-stream", "shutdown-whole"}
+    wait_for(lambda: let_go <= set(seen.left), 5, f"vLLM not let go of both {sorted(let_go)} in 5 s", 0.02)
     rows = {row["request_id"]: row for row in read_ledger(f"sqlite:///{db}")}
     assert rows["shutdown-short"]["outcome"] == "ok"
     assert (

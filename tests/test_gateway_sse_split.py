@@ -31,6 +31,7 @@ import openai
 import pytest
 from aiohttp import web
 
+from tests.test_gateway_policy import messages_body
 from tests.test_ledger import stopped_ledger
 
 PIECES = ["Bon", "jour — ", "東京", " et Zürich ", "🌤", "!"]
@@ -279,13 +280,7 @@ def test_a_split_or_whole_anthropic_stream_arrives_intact_and_its_thinking_is_co
 ):
     server, seen = upstream
     gateway, key = gateway_factory(server.url)
-    body = {
-        "model": "m",
-        "max_tokens": 64,
-        "stream": True,
-        "mode": mode,
-        "messages": [{"role": "user", "content": "hi"}],
-    }
+    body = messages_body(max_tokens=64, stream=True, mode=mode)
     received = b"".join(read_stream(gateway, key, "/v1/messages", body, "split"))
     assert received == b"".join(messages_stream())
 
@@ -335,3 +330,28 @@ def test_a_client_hanging_up_after_done_got_the_whole_answer_and_the_ledger_says
         USAGE["completion_tokens"],
     )
     assert (row["status"], row["outcome"]) == (200, "ok")
+
+
+def test_a_client_hanging_up_after_message_stop_got_the_whole_answer_and_the_ledger_says_ok(
+    upstream: tuple[Any, Upstream], gateway_factory: Callable[..., Any]
+):
+    # Anthropic streams end with `message_stop`, not `[DONE]`: a client that closes the connection once it
+    # has read that event, while the upstream keeps its response open, left nothing unread.
+    server, _ = upstream
+    gateway, key = gateway_factory(server.url)
+    body = messages_body(max_tokens=64, stream=True, mode="linger")
+    received = b""
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/messages",
+        headers={"x-api-key": key, "x-request-id": "hung-up-after-stop"},
+        json=body,
+        timeout=60,
+    ) as reply:
+        for piece in reply.iter_raw():
+            received += piece
+            if b"event: message_stop" in received:
+                break  # leaving the block closes the connection, LINGER_S before the upstream ends
+    assert received == b"".join(messages_stream())
+    row = stopped_ledger(gateway)["hung-up-after-stop"]
+    assert (row["status"], row["outcome"], row["route"]) == (200, "ok", "/v1/messages")

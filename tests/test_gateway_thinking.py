@@ -27,6 +27,7 @@ from tests.test_gateway_policy import (
     fake_upstream,
     messages_body,
     post,
+    relayed,
 )
 from tests.test_ledger import stopped_ledger
 
@@ -55,12 +56,6 @@ def gateway(upstream: tuple[Any, Any], gateway_factory: Callable[..., tuple[Any,
         non_thinking_sampling={"m": NON_THINKING},
     )
     return started
-
-
-def _sent(gateway: Any, seen: Any, key: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    reply = post(gateway, key, path, body)
-    assert reply.status_code == 200, reply.text
-    return seen.last(path)
 
 
 # --- the rules, unit by unit -------------------------------------------------------------------------
@@ -133,12 +128,12 @@ def test_the_non_thinking_preset_only_fills_a_request_that_chose_no_sampling():
 def test_a_key_with_thinking_off_gets_the_non_thinking_preset_on_chat_and_messages(gateway, upstream):
     _, seen = upstream
     key = add_key(gateway, "quick", enable_thinking=False)
-    body = _sent(gateway, seen, key, CHAT, chat_body())
+    body = relayed(gateway, seen, key, CHAT, chat_body())
     assert body["chat_template_kwargs"] == {"enable_thinking": False}
     assert {k: body[k] for k in NON_THINKING} == NON_THINKING
-    chosen = _sent(gateway, seen, key, CHAT, chat_body(temperature=0.1))
+    chosen = relayed(gateway, seen, key, CHAT, chat_body(temperature=0.1))
     assert chosen["temperature"] == 0.1 and "presence_penalty" not in chosen and "top_k" not in chosen
-    messages = _sent(gateway, seen, key, MESSAGES, messages_body())
+    messages = relayed(gateway, seen, key, MESSAGES, messages_body())
     assert messages["thinking"] == {"type": "disabled"}
     # The Anthropic API has temperature, top_p and top_k; presence_penalty is not one of its fields.
     assert {k: messages.get(k) for k in ("temperature", "top_p", "top_k")} == {
@@ -161,9 +156,9 @@ def test_a_json_schema_request_thinks_only_when_it_asks(gateway, upstream):
     _, seen = upstream
     key = add_key(gateway, "plain")
     schema = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}
-    body = _sent(gateway, seen, key, CHAT, chat_body(response_format=schema))
+    body = relayed(gateway, seen, key, CHAT, chat_body(response_format=schema))
     assert body["chat_template_kwargs"] == {"enable_thinking": False}
-    asked = _sent(
+    asked = relayed(
         gateway,
         seen,
         key,
@@ -176,12 +171,12 @@ def test_a_json_schema_request_thinks_only_when_it_asks(gateway, upstream):
 def test_the_keys_thinking_budget_reaches_vllm_on_both_apis(gateway, upstream):
     _, seen = upstream
     key = add_key(gateway, "thrifty", thinking_budget=1500)
-    assert _sent(gateway, seen, key, CHAT, chat_body())["thinking_token_budget"] == 1500
+    assert relayed(gateway, seen, key, CHAT, chat_body())["thinking_token_budget"] == 1500
     assert (
-        _sent(gateway, seen, key, CHAT, chat_body(thinking_token_budget=99999))["thinking_token_budget"]
+        relayed(gateway, seen, key, CHAT, chat_body(thinking_token_budget=99999))["thinking_token_budget"]
         == 1500
     )
-    messages = _sent(gateway, seen, key, MESSAGES, messages_body(max_tokens=4000))
+    messages = relayed(gateway, seen, key, MESSAGES, messages_body(max_tokens=4000))
     assert messages["thinking"] == {"type": "enabled", "budget_tokens": 1500}
     tiny = add_key(gateway, "tiny", thinking_budget=200)
     reply = post(

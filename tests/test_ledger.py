@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine
 from serve.gateway import store
 from serve.gateway.ledger import LedgerWriter
 from serve.gateway.store import LedgerRow, open_engine
-from serve.supervisor import free_port
+from tests.polling import wait_for
 from tests.test_gateway_policy import (
     CHAT_STREAM,
     CHAT_USAGE,
@@ -66,13 +66,6 @@ def stopped_ledger(gateway: Any) -> dict[str, dict[str, Any]]:
     ids = [row["request_id"] for row in rows]
     assert len(ids) == len(set(ids)), f"duplicated ledger rows: {ids}"
     return {row["request_id"]: row for row in rows}
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {WAIT_S} s"
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -221,7 +214,12 @@ def test_clients_that_leave_early_get_client_disconnect_rows_and_the_upstream_is
             json=chat_body(mode="slow"),
             timeout=httpx.Timeout(10, read=0.5),
         )
-    wait_until(lambda: {"left-stream", "left-plain"} <= set(seen.left), "the upstream requests were closed")
+    wait_for(
+        lambda: {"left-stream", "left-plain"} <= set(seen.left),
+        WAIT_S,
+        f"the upstream requests were closed within {WAIT_S} s",
+        0.02,
+    )
     rows = stopped_ledger(gateway)
     stream, plain = rows["left-stream"], rows["left-plain"]
     for row in (stream, plain):
@@ -238,7 +236,9 @@ def test_clients_that_leave_early_get_client_disconnect_rows_and_the_upstream_is
     assert (plain["prompt_tokens"], plain["completion_tokens"], plain["ttft_ms"]) == (0, 0, None)
 
 
-def test_upstream_failures_get_upstream_error_rows_with_the_tokens_so_far(upstream, gateway_factory):
+def test_upstream_failures_get_upstream_error_rows_with_the_tokens_so_far(
+    upstream, gateway_factory, down_upstream_url
+):
     server, _ = upstream
     gateway, key = gateway_factory(server.url)
     with httpx.stream(
@@ -249,7 +249,7 @@ def test_upstream_failures_get_upstream_error_rows_with_the_tokens_so_far(upstre
     ) as reply:
         body = b"".join(reply.iter_raw())
     assert b'"upstream_error"' in body and b"[DONE]" not in body
-    down, down_key = gateway_factory(f"http://127.0.0.1:{free_port()}")
+    down, down_key = gateway_factory(down_upstream_url)
     assert post(down, down_key, "/v1/chat/completions", chat_body(), "down").status_code == 503
 
     broken = stopped_ledger(gateway)["broken"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from serve.gateway.usage import UsageCounter
+from serve.gateway.usage import UsageChunkFilter, UsageCounter
 
 
 def _sse(events: list[dict], named: bool = False) -> bytes:
@@ -121,3 +121,24 @@ def test_body_usage_read_from_the_tail_matches_a_whole_parse():
             got = (fast.prompt, fast.completion, fast.reasoning, fast.cached, fast.finish_reason)
             assert got == (whole.prompt, whole.completion, whole.reasoning, whole.cached, whole.finish_reason)
             assert fast.prompt not in (0, 999), body
+
+
+def test_a_whole_stream_in_one_piece_gives_its_usage_last_reason_and_loses_only_the_usage_only_chunk():
+    def event(obj: dict) -> bytes:
+        return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+    choice = {"index": 0, "delta": {"content": "x"}, "finish_reason": None}
+    usage_only = event({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 31}})
+    stream = (
+        b"".join(event({"choices": [choice]}) for _ in range(30))
+        + event({"choices": [{**choice, "finish_reason": "length"}]})
+        + event({"choices": [{**choice, "index": 1}]})  # n=2: a later choice still running (null)
+        + usage_only
+        + b"data: [DONE]\n\n"
+    )
+    counter = UsageCounter()
+    counter.feed_sse(stream)
+    assert (counter.prompt, counter.completion, counter.finish_reason) == (7, 31, "length")
+    kept = UsageChunkFilter().feed(stream)
+    assert b'"usage"' not in kept and kept.endswith(b"data: [DONE]\n\n")
+    assert kept == stream.replace(usage_only, b"")

@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 
 from serve.gateway.access import GatewayApp
 from serve.gateway.errors import GatewayError, error_body, unavailable
+from serve.gateway.gc_policy import tune_gc
 from serve.gateway.keys import KeyCache, KeyStore
 from serve.gateway.ledger import LedgerWriter
 from serve.gateway.limits import Limiter, LocalLimiter, windows
@@ -66,17 +67,20 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready when the upstream's ``/health`` answers 200 and ``/v1/models`` lists the served models.
+    """Ready when the upstream's health path (``upstream_health_path``, ``/health``; skipped when unset)
+    answers 200 and ``/v1/models`` lists the served models.
 
     It names no model: the listing is for callers with a key (``/v1/models``)."""
     gateway: Gateway = request.app.state.gateway
     assert gateway.session is not None
     base = gateway.settings.upstream_base
     retry = gateway.settings.retry_after_s
+    health_path = gateway.settings.upstream_health_path
     try:
-        async with gateway.session.get(base + "/health") as health:
-            if health.status != 200:
-                return _error(unavailable(f"health is {health.status}", retry, "upstream_not_ready"))
+        if health_path is not None:
+            async with gateway.session.get(base + health_path) as health:
+                if health.status != 200:
+                    return _error(unavailable(f"health is {health.status}", retry, "upstream_not_ready"))
         async with gateway.session.get(base + "/v1/models", headers=gateway.upstream_headers) as listing:
             models = [m["id"] for m in (await listing.json()).get("data", [])]
     except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError):
@@ -238,5 +242,10 @@ def create_app(settings: GatewaySettings) -> GatewayApp:
 
 
 def create_app_from_env() -> GatewayApp:
-    """uvicorn factory: settings from ``KIT_GATEWAY_CONFIG`` and ``KIT_GATEWAY_*`` variables."""
-    return create_app(GatewaySettings())
+    """uvicorn factory, run once in each worker process: settings from ``KIT_GATEWAY_CONFIG`` and
+    ``KIT_GATEWAY_*`` variables; the worker's garbage collector is tuned once the app is built
+    (``gc_gen0_threshold``, serve/gateway/gc_policy.py)."""
+    settings = GatewaySettings()
+    app = create_app(settings)
+    tune_gc(settings.gc_gen0_threshold)
+    return app

@@ -62,6 +62,9 @@ class KeyPolicy:
         thinking_budget: most reasoning tokens per request (vLLM's ``thinking_token_budget``: at the
             budget the model is made to end its reasoning and answer; see ``serve/gateway/thinking.py``).
         admin: may read everyone's usage.
+        system_policy: id of a policy in the gateway's ``system_policies`` whose system message the
+            gateway adds to this key's chat, messages and responses requests (see
+            ``serve/gateway/system_policy.py``); None: the model's policy, if any.
     """
 
     models: tuple[str, ...] = ("*",)
@@ -76,6 +79,7 @@ class KeyPolicy:
     enable_thinking: bool | None = None
     thinking_budget: int | None = None
     admin: bool = False
+    system_policy: str | None = None
 
     def allows(self, model: str) -> bool:
         """Whether ``model`` matches one of ``models``."""
@@ -109,6 +113,8 @@ class KeyPolicy:
             parts.append(f"thinking_budget={self.thinking_budget}")
         if self.admin:
             parts.append("admin")
+        if self.system_policy is not None:
+            parts.append(f"system_policy={self.system_policy}")
         return " ".join(parts)
 
 

@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 from starlette.types import Message, Receive, Scope, Send
 from yarl import URL
 
-from serve.gateway import policy, thinking
+from serve.gateway import policy, system_policy, thinking
 from serve.gateway.aliases import Aliases
 from serve.gateway.errors import (
     GatewayError,
@@ -66,9 +66,6 @@ _DROP_RESPONSE_HEADERS = frozenset(
     }
 )
 _SSE = "text/event-stream"
-# The events that end an answer (OpenAI, Anthropic, Responses API): clients such as the openai SDK hang
-# up once they read one, possibly before the upstream's response has ended.
-_STREAM_ENDS = (b"data: [DONE]", b"event: message_stop", b"event: response.completed")
 WATCH_AFTER_S = 0.05
 """How long a request runs before a task starts watching for its client to leave (a generation on the
 model takes longer than this; a client that left sooner is noticed now)."""
@@ -124,6 +121,7 @@ class Call:
     response_started: bool = False
     streaming: bool = False  # an SSE answer is being relayed
     sent_bytes: int = 0
+    policy_id: str | None = None  # the system policy the request carried (system_policy.py)
 
     @property
     def id_header(self) -> tuple[bytes, bytes]:
@@ -213,15 +211,38 @@ def with_fields(body: bytes, obj: dict[str, Any], changes: dict[str, Any]) -> by
     return body[: start + 1] + fields + b"," + body[start + 1 :]
 
 
+def _system_policy_fields(
+    gateway: Gateway, route: Route, obj: dict[str, Any], policy_id: str
+) -> dict[str, Any]:
+    """The fields carrying system policy ``policy_id`` on ``route`` (count_tokens counts it too).
+
+    Raises:
+        GatewayError: 500 when the settings no longer define the policy (fail closed: never serve a key
+            without the policy it was given), 400 on a route that cannot carry it.
+    """
+    found = gateway.settings.system_policies.get(policy_id)
+    if found is None:
+        raise GatewayError(
+            500,
+            f"This key's system policy {policy_id!r} is not defined in the gateway settings. An admin must "
+            f"define it under system_policies or clear it (make key-set NAME=... SYSTEM_POLICY=none).",
+            "api_error",
+            "system_policy_missing",
+        )
+    path = "/v1/messages" if route.path == "/v1/messages/count_tokens" else route.path
+    return system_policy.system_fields(path, obj, policy_id, found)
+
+
 def rewrite(gateway: Gateway, call: Call, obj: dict[str, Any] | None) -> tuple[dict[str, Any], bool]:
     """The top-level fields to change in the request body, and whether the client wants stream usage.
 
-    In order: an alias becomes the served model it stands for; the key's model list, caps and thinking
-    policy apply; the model's non-thinking sampling preset fills in for a request that does not think
-    and chose no sampling.
+    In order: an alias becomes the served model it stands for; the key's model list, caps, system policy
+    (the key's, else the model's) and thinking policy apply; the model's non-thinking sampling preset
+    fills in for a request that does not think and chose no sampling.
 
     Raises:
-        GatewayError: 403 (model not allowed) or 400 (a cap exceeded).
+        GatewayError: 403 (model not allowed), 400 (a cap exceeded, or a route a system policy cannot be
+            added to) or 500 (the key's system policy is not defined).
     """
     assert call.principal is not None
     route = call.route
@@ -234,6 +255,12 @@ def rewrite(gateway: Gateway, call: Call, obj: dict[str, Any] | None) -> tuple[d
             call.model = changes["model"] = target
     policy.check_model(call.principal, call.model)
     changes.update(policy.capped_fields(obj, route, call.principal))
+    policy_id = call.principal.policy.system_policy
+    if policy_id is None and gateway.settings.model_system_policies:
+        policy_id = gateway.settings.model_system_policies.get(call.model or "")
+    if policy_id is not None:
+        changes.update(_system_policy_fields(gateway, route, obj, policy_id))
+        call.policy_id = policy_id
     if route.thinking is not None:
         settings = gateway.settings
         model = call.model or ""
@@ -439,6 +466,7 @@ async def _relay_stream(
         }
     )
     tail = b""
+    end = call.route.stream_end  # one search per chunk: this loop runs for every token
     try:
         async for chunk in upstream.content.iter_any():
             if call.ttft_ms is None:
@@ -447,7 +475,7 @@ async def _relay_stream(
             out = strip.feed(chunk) if strip is not None else chunk
             if out:
                 call.sent_bytes += len(out)
-                if not call.finished and any(end in out for end in _STREAM_ENDS):
+                if not call.finished and end in out:
                     call.finished = True  # the client has the whole answer: leaving now is not leaving early
                 await send({"type": "http.response.body", "body": out, "more_body": True})
         call.outcome = "ok"
@@ -563,7 +591,7 @@ def ledger_values(call: Call) -> tuple[Any, ...]:
         round((time.perf_counter() - call.start) * 1000, 3),
         round(call.ttft_ms, 3) if call.ttft_ms is not None else None,
         usage.finish_reason,
-        None,  # policy_id
+        call.policy_id,
         call.client_ip,
     )
 

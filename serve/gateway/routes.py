@@ -1,7 +1,8 @@
 """The allowlisted upstream routes, each declaring what the gateway does on it.
 
-vLLM leaves ``/invocations``, ``/pause``, ``/update_weights``, ``/v1/load_lora_adapter``... unauthenticated
-even with ``--api-key`` (shared/reference/qwen3.6-27b.md): only these paths reach it.
+vLLM leaves ``/invocations``, ``/pause``, ``/update_weights``... unauthenticated even with ``--api-key``, and
+``/v1/load_lora_adapter`` changes what it serves (docs/reference.md, "vLLM security"): only these paths
+reach it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ class Route:
         local: the gateway answers it itself (never forwarded).
         thinking: how the request turns thinking on or off and caps it: ``chat`` (``chat_template_kwargs``
             and ``thinking_token_budget``) or ``anthropic`` (``thinking``); see ``thinking.py``.
+        stream_end: the bytes of the event that ends a streamed answer on this route (OpenAI's
+            ``data: [DONE]``, the Responses API's ``response.completed``, Anthropic's ``message_stop``):
+            clients such as the openai SDK hang up once they read it, possibly before the upstream's
+            response has ended.
     """
 
     path: str
@@ -41,6 +46,7 @@ class Route:
     lists_models: bool = False
     thinking: str | None = None
     local: bool = False
+    stream_end: bytes = b"data: [DONE]"
 
 
 ROUTES = (
@@ -54,7 +60,12 @@ ROUTES = (
         thinking="chat",
     ),
     Route("/v1/completions", "POST", max_tokens_fields=("max_tokens",), n_field="n", stream_usage=True),
-    Route("/v1/responses", "POST", max_tokens_fields=("max_output_tokens",)),
+    Route(
+        "/v1/responses",
+        "POST",
+        max_tokens_fields=("max_output_tokens",),
+        stream_end=b"event: response.completed",
+    ),
     Route("/v1/models", "GET", generates=False, lists_models=True),
     Route(
         "/v1/messages",
@@ -63,6 +74,7 @@ ROUTES = (
         max_tokens_fields=("max_tokens",),
         thinking_text=True,
         thinking="anthropic",
+        stream_end=b"event: message_stop",
     ),
     Route("/v1/messages/count_tokens", "POST", api="anthropic", generates=False),
 )

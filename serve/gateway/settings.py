@@ -18,6 +18,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from serve.gateway.system_policy import SystemPolicy
+
 CONFIG_ENV = "KIT_GATEWAY_CONFIG"
 ROOT_ENV = "KIT_ROOT"
 
@@ -53,6 +55,10 @@ class GatewaySettings(BaseSettings):
     """Sent to vLLM as ``Authorization: Bearer`` when vLLM runs with ``--api-key`` (env only, never YAML)."""
     served_model_names: list[str] = Field(default_factory=list)
     """Model ids ``/readyz`` requires in the upstream's ``/v1/models``; empty accepts any."""
+    upstream_health_path: str | None = "/health"
+    """The upstream path ``/readyz`` asks before the model listing (vLLM's ``/health``: 200 once its
+    engine runs). None or "": readiness is the listing alone, for an upstream without such a route (Ray
+    Serve LLM's OpenAI app, ray 2.60, serves none: deploy/k8s/gateway.yaml sets it empty)."""
     keys_db: Path = Path("state/gateway.sqlite")
     """The SQLite file with keys, limit counters and the usage ledger (relative: to the kit's folder)."""
     database_url: str | None = None
@@ -109,6 +115,11 @@ class GatewaySettings(BaseSettings):
     """On SIGTERM the gateway stops accepting and lets in-flight requests finish for this long; then a
     stream still running ends with an error event and an unanswered request gets 503 (uvicorn's
     ``timeout_graceful_shutdown``; ``kit up`` gives vLLM's ``--shutdown-timeout`` the same value)."""
+    gc_gen0_threshold: int | None = Field(default=20_000, ge=700)
+    """Each worker freezes what it built at start-up and runs a young garbage collection only after this
+    many net container allocations (Python's default: 700), so requests' objects are freed by reference
+    counting instead of being walked by the collector (serve/gateway/gc_policy.py has the measurements).
+    None: Python's defaults."""
     retry_after_s: int = Field(default=5, ge=1)
     """``Retry-After`` sent with 503 while the upstream is down or starting."""
     log_level: str = "INFO"
@@ -125,6 +136,28 @@ class GatewaySettings(BaseSettings):
     non_thinking_sampling: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Per served model id: the sampling preset a request that does not think and sets no sampling field
     gets (the model card's non-thinking preset; ``kit up`` fills it from ``sampling.non_thinking``)."""
+
+    system_policies: dict[str, SystemPolicy] = Field(default_factory=dict)
+    """Policy id -> a system message (``content``, ``mode``: ``merge`` or ``prepend``) the gateway adds
+    to the requests of keys created with ``--system-policy <id>`` and of the models named in
+    ``model_system_policies``; the ledger's ``policy_id`` says which one a request carried. See
+    ``serve/gateway/system_policy.py``."""
+    model_system_policies: dict[str, str] = Field(default_factory=dict)
+    """Served model id or adapter name -> policy id for every request to it (a key's own policy wins)."""
+
+    @model_validator(mode="after")
+    def _known_policies(self) -> GatewaySettings:
+        for model, policy_id in self.model_system_policies.items():
+            if policy_id not in self.system_policies:
+                known = ", ".join(sorted(self.system_policies)) or "none defined"
+                raise ValueError(
+                    f"model_system_policies: {model!r} names policy {policy_id!r}, which system_policies "
+                    f"does not define (defined: {known})"
+                )
+        for policy_id in self.system_policies:
+            if not policy_id or len(policy_id) > 64:
+                raise ValueError(f"system_policies: id {policy_id!r} must be 1 to 64 characters")
+        return self
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> GatewaySettings:
@@ -159,10 +192,17 @@ class GatewaySettings(BaseSettings):
         """The SQLAlchemy URL of the gateway's database."""
         return self.database_url or f"sqlite:///{self.keys_db}"
 
-    @field_validator("upstream_uds", mode="before")
+    @field_validator("upstream_uds", "upstream_health_path", mode="before")
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
-        return None if value == "" else value  # KIT_GATEWAY_UPSTREAM_UDS="" selects TCP
+        return None if value == "" else value  # e.g. KIT_GATEWAY_UPSTREAM_UDS="" selects TCP
+
+    @field_validator("upstream_health_path")
+    @classmethod
+    def _health_path(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError(f"must be a path starting with '/' (like /health), or empty; got {value!r}")
+        return value
 
     @field_validator("upstream_url")
     @classmethod

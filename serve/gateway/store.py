@@ -67,6 +67,7 @@ class ApiKey(Base):
     enable_thinking: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     thinking_budget: Mapped[int | None] = mapped_column(Integer, nullable=True)
     admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    system_policy: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class LimitState(Base):

@@ -20,6 +20,9 @@ from typing import Any
 
 _MARKER = b'"usage"'
 _FINISH = re.compile(rb'"(?:finish_reason|stop_reason)":\s*"([A-Za-z_]{1,32})"')
+# A reason that is set (a string, not null): every OpenAI chunk carries "finish_reason":null, so a plain
+# substring test would send each one to the backward scan of ``_last_finish``.
+_REASON_SET = re.compile(rb'_reason":\s*"')
 _THINKING = b'"thinking_delta"'
 _USAGE_ONLY = re.compile(rb'"choices":\s*\[\s*\]')
 _COLON = re.compile(rb"\s*:\s*")
@@ -28,6 +31,25 @@ _DECODER = json.JSONDecoder()
 
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _event_bounds(events: bytes, pos: int) -> tuple[int, int]:
+    """``(start, stop)`` of the SSE event around offset ``pos``: from after the ``\\n\\n`` before it to
+    the ``\\n\\n`` after it (or the end)."""
+    before = events.rfind(b"\n\n", 0, pos)
+    after = events.find(b"\n\n", pos)
+    return (0 if before < 0 else before + 2), (len(events) if after < 0 else after)
+
+
+def _last_finish(events: bytes) -> str | None:
+    """The last non-null finish (or stop) reason in ``events``, scanning back from the end (a whole
+    answer's reason is in its last events; ``null`` ones are skipped)."""
+    pos = len(events)
+    while (pos := events.rfind(b'_reason"', 0, pos)) >= 0:
+        found = _FINISH.match(events, events.rfind(b'"', 0, pos))
+        if found:
+            return found.group(1).decode()
+    return None
 
 
 class UsageCounter:
@@ -166,22 +188,30 @@ class UsageCounter:
             return
         self._tail = data[end + 2 :]
         events = data[:end]
-        if b"_reason" in events:
-            found = _FINISH.findall(events)
-            if found:
-                self.finish_reason = found[-1].decode()
-        thinking = self.collect_thinking and _THINKING in events
-        if _MARKER not in events and not thinking:
+        if _REASON_SET.search(events):
+            found = _last_finish(events)
+            if found is not None:
+                self.finish_reason = found
+        if self.collect_thinking and _THINKING in events:
+            for event in events.split(b"\n\n"):
+                if _MARKER in event or _THINKING in event:
+                    self._feed_event(event)
             return
-        for event in events.split(b"\n\n"):
-            if _MARKER not in event and not (thinking and _THINKING in event):
-                continue
-            for line in event.split(b"\n"):
-                if line.startswith(b"data:"):
-                    try:
-                        self.feed_json(json.loads(line[5:]))
-                    except ValueError:
-                        continue
+        # Only the events that mention usage are cut out and decoded: a whole answer often arrives as
+        # one piece of 30+ events, and splitting it all costs more than finding the one or two that count.
+        pos = events.find(_MARKER)
+        while pos >= 0:
+            start, stop = _event_bounds(events, pos)
+            self._feed_event(events[start:stop])
+            pos = events.find(_MARKER, stop)
+
+    def _feed_event(self, event: bytes) -> None:
+        for line in event.split(b"\n"):
+            if line.startswith(b"data:"):
+                try:
+                    self.feed_json(json.loads(line[5:]))
+                except ValueError:
+                    continue
 
 
 class UsageChunkFilter:
@@ -207,14 +237,19 @@ class UsageChunkFilter:
             return b""
         self._tail = data[end + 2 :]
         head = data[: end + 2]
-        if _MARKER not in head:
+        pos = head.find(_MARKER)
+        if pos < 0:
             return head
-        kept = [
-            event
-            for event in head.split(b"\n\n")
-            if event and not (_MARKER in event and _USAGE_ONLY.search(event))
-        ]
-        return b"".join(event + b"\n\n" for event in kept)
+        kept: list[bytes] = []
+        done = 0  # head[:done] is decided
+        while pos >= 0:
+            start, stop = _event_bounds(head, pos)
+            if _USAGE_ONLY.search(head, start, stop):
+                kept.append(head[done:start])
+                done = stop + 2
+            pos = head.find(_MARKER, stop)
+        kept.append(head[done:])
+        return b"".join(kept)
 
     def flush(self) -> bytes:
         """Whatever is held back when the stream ends."""
