@@ -31,7 +31,7 @@ ACCELERATE_ARGS ?=
 PYTEST_ARGS ?=
 
 
-.PHONY: help setup lock models demo test test-unit test-integration lint serve plan gateway up key key-list key-set key-rotate key-revoke usage validate download finetune finetune-demo validate-data check-adapter merge bench-finetune bench-gateway soak-ledger soak-agent clean
+.PHONY: help setup lock models demo test test-unit test-integration lint serve plan install-systemd validate-deploy gateway up key key-list key-set key-rotate key-revoke usage validate download finetune finetune-demo validate-data check-adapter merge bench-finetune bench-gateway soak-ledger soak-agent clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 20
@@ -48,7 +48,7 @@ demo: models  ## serve SmolLM2 with vLLM behind the gateway and stream one answe
 	@$(KIT) demo
 
 test: models  ## the whole CPU test suite, real vLLM included (what CI runs)
-	@$(PY) -m pytest $(PYTEST_ARGS)
+	@$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
 
 test-unit: setup  ## tests that start no vLLM (seconds)
 	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
@@ -97,6 +97,24 @@ bench-finetune: models  ## LoRA tokens/s and peak memory (BENCH_ARGS="--full-siz
 bench-gateway: setup  ## gateway vs direct: added latency, requests/s, TTFT, CPU (BENCH_ARGS=--quick: ~1 min)
 	@$(PY) scripts/bench_gateway.py $(BENCH_ARGS)
 
+# Serving benchmark (scripts/bench_serve.py): vLLM's `vllm bench serve` through the gateway and direct.
+# Unset = by the profile: CONCURRENCY GPU "1 8 32 64 128", CPU "1 2"; INPUT_LEN/OUTPUT_LEN GPU 1024/1024,
+# CPU 64/32; NUM_PROMPTS 4 x concurrency (at least 8). GPU_HOURLY_PRICE: per GPU (CPU profile: the machine),
+# default 3.00 (an assumption, not a quote); REFERENCE_PRICE per 1M output tokens, default 7.80 (issue #10).
+.PHONY: bench-serve
+CONCURRENCY ?=
+INPUT_LEN ?=
+OUTPUT_LEN ?=
+NUM_PROMPTS ?=
+GPU_HOURLY_PRICE ?=
+REFERENCE_PRICE ?=
+bench-serve: models  ## tokens/s, TTFT/TPOT p50/p99 over a concurrency sweep, gateway vs direct, cost per 1M output tokens (JSON + PNG in bench/)
+	@$(PY) scripts/bench_serve.py --profile $(PROFILE) $(foreach s,$(SET),--set $(s)) \
+		$(if $(CONCURRENCY),--concurrency $(CONCURRENCY)) $(if $(INPUT_LEN),--input-len $(INPUT_LEN)) \
+		$(if $(OUTPUT_LEN),--output-len $(OUTPUT_LEN)) $(if $(NUM_PROMPTS),--num-prompts $(NUM_PROMPTS)) \
+		$(if $(GPU_HOURLY_PRICE),--gpu-hourly-price $(GPU_HOURLY_PRICE)) \
+		$(if $(REFERENCE_PRICE),--reference-price $(REFERENCE_PRICE)) $(BENCH_ARGS)
+
 SOAK_ARGS ?=
 soak-ledger: models  ## 10,000 requests, vLLM killed mid-load, every one reconciled with the usage ledger (~6 min)
 	@$(PY) scripts/soak_ledger.py $(SOAK_ARGS)
@@ -107,6 +125,15 @@ soak-agent: models  ## an openai-SDK agent chains N tool calls (default 1000) th
 serve: setup  ## run vLLM for PROFILE (DRY_RUN=1 prints the exact command)
 	@$(KIT) serve $(PROFILE) $(if $(DRY_RUN),--dry-run) $(foreach s,$(SET),--set $(s)) $(foreach a,$(ADAPTERS),--adapter $(a))
 
+# SYSTEMD=user (~/.config/systemd/user) or system (/etc/systemd/system; run with sudo); DEST= renders under a prefix.
+SYSTEMD ?= user
+DEST ?=
+install-systemd: setup  ## write systemd units for PROFILE (vLLM + gateway; SYSTEMD=user|system) and print the systemctl commands
+	@$(PY) -m serve.systemd install $(PROFILE) --mode $(SYSTEMD) $(if $(DEST),--dest $(DEST)) $(foreach s,$(SET),--set $(s))
+
+validate-deploy: setup  ## check deploy/, compose.yaml and the units with their real validators (systemd-analyze, docker compose, hadolint, Kubernetes schemas)
+	@$(PY) -m pytest -q tests/test_deploy_systemd.py tests/test_deploy_containers.py tests/test_deploy_k8s.py tests/test_deploy_postgres_replicas.py $(PYTEST_ARGS)
+
 plan: setup  ## memory plan for PROFILE: weights, KV cache, GDN state per GPU; refuses what cannot start (SET= as serve)
 	@$(KIT) plan $(PROFILE) $(foreach s,$(SET),--set $(s))
 
@@ -115,6 +142,23 @@ gateway: setup  ## run the gateway (configs/gateway.yaml, KIT_GATEWAY_* env)
 
 up: setup  ## vLLM for PROFILE + the gateway, until Ctrl-C (ADAPTERS="name=dir ..." serves LoRAs)
 	@$(KIT) up $(PROFILE) $(foreach s,$(SET),--set $(s)) $(foreach a,$(ADAPTERS),--adapter $(a))
+
+# `make up` in the background (serve/service.py): record state/service.json, logs state/logs/*.log.
+# make logs [LOG=vllm|gateway|service] [N=lines] [FOLLOW=1]; make status exits 0 running, 1 dead, 3 stopped.
+.PHONY: start stop status logs
+LOG ?= all
+FOLLOW ?=
+start: setup  ## make up in the background (same PROFILE= SET= ADAPTERS=); returns once a real request answered
+	@$(KIT) start $(PROFILE) $(foreach s,$(SET),--set $(s)) $(foreach a,$(ADAPTERS),--adapter $(a))
+
+stop: setup  ## stop the background service: drain in-flight requests, then check that no process is left
+	@$(KIT) stop
+
+status: setup  ## the background service: health, models + adapters, GPU memory, uptime, PIDs, logs
+	@$(KIT) status
+
+logs: setup  ## the service's logs (LOG=vllm|gateway|service, N=50 lines; FOLLOW=1 follows)
+	@$(KIT) logs $(LOG) -n $(or $(N),50) $(if $(FOLLOW),--follow)
 
 # Key policy (each optional; unset = no limit): MODELS=a,b* RPM= TPM= MAX_CONCURRENT= BUDGET_DAY= BUDGET_MONTH=
 # MAX_TOKENS= CLAMP=1 MAX_N= THINKING=on|off THINKING_BUDGET= ADMIN=1 EXPIRES=2027-01-31|30d|12h
@@ -137,7 +181,8 @@ KEY_POLICY = $(if $(MODELS),--models '$(MODELS)') $(if $(RPM),--rpm $(RPM)) $(if
 	$(if $(MAX_CONCURRENT),--max-concurrent $(MAX_CONCURRENT)) $(if $(BUDGET_DAY),--budget-day $(BUDGET_DAY)) \
 	$(if $(BUDGET_MONTH),--budget-month $(BUDGET_MONTH)) $(if $(MAX_TOKENS),--max-tokens $(MAX_TOKENS)) \
 	$(if $(CLAMP),--clamp) $(if $(MAX_N),--max-n $(MAX_N)) $(if $(THINKING),--thinking $(THINKING)) \
-	$(if $(THINKING_BUDGET),--thinking-budget $(THINKING_BUDGET)) $(if $(ADMIN),--admin)
+	$(if $(THINKING_BUDGET),--thinking-budget $(THINKING_BUDGET)) $(if $(SYSTEM_POLICY),--system-policy $(SYSTEM_POLICY)) \
+	$(if $(ADMIN),--admin)
 
 key: setup  ## create a gateway API key: make key NAME=alice [MODELS=... RPM=... TPM=... BUDGET_DAY=... EXPIRES=30d]
 	@$(KIT) key create $(NAME) $(KEY_POLICY) $(if $(EXPIRES),--expires $(EXPIRES))
@@ -163,3 +208,43 @@ clean:  ## remove the venv, built models and local state
 .PHONY: models-claude-code
 models-claude-code: setup  ## build the tiny Qwen3.6-architecture model with 65,536 positions (PROFILE=cpu-claude-code serves it)
 	@$(PY) scripts/build_tiny_qwen3_5.py --max-position-embeddings 65536 --out models/qwen3_5-tiny-64k
+
+# Ray cluster for profiles with distributed_executor_backend: ray (README "Past one machine").
+ADDRESS ?=
+RAY_ARGS ?=
+.PHONY: ray-head ray-worker ray-status ray-stop
+ray-head: setup  ## start this machine's Ray head node; prints the make ray-worker command (RAY_ARGS="--num-gpus 4 ...")
+	@$(PY) -m serve.ray_cluster head $(RAY_ARGS)
+
+ray-worker: setup  ## join this machine to a Ray cluster: make ray-worker ADDRESS=<head ip>:6379
+	@test -n "$(ADDRESS)" || { echo 'error: set ADDRESS=<head ip>:6379 (printed by make ray-head)' >&2; exit 2; }
+	@$(PY) -m serve.ray_cluster worker $(ADDRESS) $(RAY_ARGS)
+
+ray-status: setup  ## nodes and resources of the Ray cluster this machine is in (ADDRESS= to ask another)
+	@$(PY) -m serve.ray_cluster status $(ADDRESS)
+
+ray-stop: setup  ## stop every Ray process on this machine (ray stop)
+	@$(PY) -m serve.ray_cluster stop
+
+# Behaviour audit (README "Behaviour audit"; python -m audit): BASE_URL= (default: the kit's gateway) KEY= (else
+# $KIT_API_KEY) POLICY_KEY= (a second key, e.g. with the gateway's system-prompt policy: before/after) MODEL=
+# (served model or adapter) SUBSET=demo|tiny (default: all 432 prompts) THINKING=off|on|both CONCURRENCY= OUT=
+# JUDGE=1 (an LLM judge too) AUDIT_ARGS="..." (any other `python -m audit run` flag, e.g. --forcing-route
+# completions). Keys travel in the environment, not on the command line.
+.PHONY: audit audit-demo
+BASE_URL ?=
+KEY ?=
+POLICY_KEY ?=
+SUBSET ?=
+OUT ?=
+JUDGE ?=
+AUDIT_ARGS ?=
+AUDIT_MODEL = $(if $(filter command line environment,$(origin MODEL)),$(MODEL))
+audit: setup  ## slant audit of the served model (China vs 8 countries, en+zh): report + JSON + PNGs under OUT
+	@$(if $(KEY),KIT_API_KEY='$(KEY)') $(if $(POLICY_KEY),KIT_AUDIT_POLICY_KEY='$(POLICY_KEY)') \
+		$(PY) -m audit run $(if $(BASE_URL),--base-url $(BASE_URL)) $(if $(AUDIT_MODEL),--model '$(AUDIT_MODEL)') \
+		$(if $(SUBSET),--subset $(SUBSET)) $(if $(THINKING),--thinking $(THINKING)) \
+		$(if $(CONCURRENCY),--concurrency $(CONCURRENCY)) $(if $(OUT),--out $(OUT)) $(if $(JUDGE),--judge) $(AUDIT_ARGS)
+
+audit-demo: models  ## the audit end to end on SmolLM2 (CPU): start vLLM + gateway, two keys (with/without the policy), ask, report, stop
+	@$(PY) -m audit demo $(if $(OUT),--out $(OUT)) $(if $(SUBSET),--subset $(SUBSET))

