@@ -1,4 +1,11 @@
-"""Real vLLM (CPU) + the real gateway, started once per test module."""
+"""Real vLLM (CPU) + the real gateway, each stack started once for a run of tests that use it.
+
+A stack fixture (``smollm2``, ``qwen3_5_tiny``, ``qwen3_5_tiny_bare``) starts its stack for the first test
+that asks for it and stops it after the last test of an unbroken run of tests that use it, so modules next
+to each other share one vLLM start (pytest's module scope would start one per module; session scope would
+keep each stack running through every later module). A test marked ``stops_stack`` (it stops its vLLM)
+is moved after every other test that uses the same stack.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +13,18 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import Iterator
-from dataclasses import dataclass
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from serve.config import load_profile
-from serve.gateway.keys import KeyStore
+from serve.gateway.keys import KeyPolicy, KeyStore
 from serve.modeldir import not_ready_reason
 from serve.supervisor import Stack, run_stack
 
@@ -26,6 +36,7 @@ class LiveStack:
     stack: Stack
     key: str
     keys_db: Path
+    adapters_dir: Path | None = None
 
     @property
     def gateway(self) -> str:
@@ -48,6 +59,33 @@ class LiveStack:
         return {"authorization": f"Bearer {self.key}"}
 
 
+def new_key(live: LiveStack, name: str, policy: KeyPolicy | None = None, timeout_s: float = 15) -> str:
+    """A key of its own for one test (``policy``: unlimited by default), once the gateway's key cache
+    accepts it (it refreshes from the database within seconds)."""
+    key = KeyStore(live.keys_db).create(name, policy or KeyPolicy())
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(live.gateway + "/v1/models", headers={"x-api-key": key}).status_code != 200:
+        assert time.monotonic() < deadline, f"the gateway did not accept the new key within {timeout_s} s"
+        time.sleep(0.2)
+    return key
+
+
+def ledger_row(keys_db: Path, request_id: str, timeout_s: float = 15) -> dict[str, Any]:
+    """The ``usage_ledger`` row of ``request_id``, waiting for the gateway's batched writer to insert it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with sqlite3.connect(keys_db, timeout=30) as connection:
+            connection.row_factory = sqlite3.Row
+            rows = connection.execute(
+                "SELECT * FROM usage_ledger WHERE request_id = ?", (request_id,)
+            ).fetchall()
+        if rows:
+            assert len(rows) == 1, f"{len(rows)} ledger rows for {request_id}"
+            return dict(rows[0])
+        assert time.monotonic() < deadline, f"no ledger row for {request_id} after {timeout_s} s"
+        time.sleep(0.2)
+
+
 def vllm_gauge(live: LiveStack, name: str) -> float:
     """Sum of a vLLM Prometheus gauge (e.g. ``vllm:num_requests_running``) over its label sets."""
     with live.vllm_client() as client:
@@ -55,6 +93,73 @@ def vllm_gauge(live: LiveStack, name: str) -> float:
     values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.M)]
     assert values, f"{name} not in vLLM's /metrics"
     return sum(values)
+
+
+def vllm_requests(live: LiveStack) -> tuple[float, float, float]:
+    """vLLM's ``(running, waiting, generation tokens so far)`` from its /metrics (gauges it refreshes once
+    per engine step)."""
+    with live.vllm_client() as client:
+        text = client.get(live.vllm + "/metrics").text
+
+    def total(name: str) -> float:
+        pattern = rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$"
+        values = [float(m.group(1)) for m in re.finditer(pattern, text, re.M)]
+        assert values, f"{name} not in vLLM's /metrics"
+        return sum(values)
+
+    return (
+        total("vllm:num_requests_running"),
+        total("vllm:num_requests_waiting"),
+        total("vllm:generation_tokens_total"),
+    )
+
+
+def wait_decoding(
+    live: LiveStack,
+    tokens_before: float,
+    timeout_s: float = 60,
+    meanwhile: Callable[[], object] | None = None,
+) -> None:
+    """Wait until vLLM has generated tokens since ``tokens_before`` (its ``generation_tokens_total``, taken
+    when it was idle): the test's one request decodes. ``meanwhile`` runs between looks (read a stream on).
+
+    Raises:
+        AssertionError: not within ``timeout_s`` seconds, with the last readings.
+    """
+    deadline = time.monotonic() + timeout_s
+    readings: list[tuple[float, float, float]] = []
+    while True:
+        running, waiting, tokens = vllm_requests(live)
+        readings.append((running, waiting, tokens - tokens_before))
+        if tokens > tokens_before:
+            return
+        assert time.monotonic() < deadline, (
+            f"vLLM never decoded the request within {timeout_s} s; last (running, waiting, tokens generated) "
+            f"readings: {readings[-5:]}"
+        )
+        if meanwhile is not None:
+            meanwhile()
+        time.sleep(0.1)
+
+
+def wait_idle(live: LiveStack, timeout_s: float, message: str) -> float:
+    """Wait until vLLM runs and queues no request; returns its generation token count then.
+
+    Raises:
+        AssertionError: ``message`` and the last readings, when not idle within ``timeout_s`` seconds.
+    """
+    deadline = time.monotonic() + timeout_s
+    readings: list[tuple[float, float, float]] = []
+    while True:
+        running, waiting, tokens = vllm_requests(live)
+        readings.append((running, waiting, tokens))
+        if running == 0 and waiting == 0:
+            return tokens
+        assert time.monotonic() < deadline, (
+            f"{message} (after {timeout_s} s; last (running, waiting, generation tokens) readings: "
+            f"{readings[-5:]})"
+        )
+        time.sleep(0.2)
 
 
 @dataclass(frozen=True)
@@ -113,18 +218,94 @@ def start_live_stack(profile: str, tmp: Path, adapters: dict[str, Path] | None =
     overrides: dict[str, object] = {"vllm.uds": str(tmp / "run" / "vllm.sock")}
     if adapters:
         overrides["vllm.lora_modules"] = {name: str(path) for name, path in adapters.items()}
+        # Runtime loading (POST /v1/adapters/load) from the folder the adapters were trained into.
+        overrides["adapters_dir"] = str(tmp)
     resolved = load_profile(ROOT, profile, overrides)
     reason = not_ready_reason(resolved)
     assert reason is None, f"{reason} (make test builds the models first)"
     keys_db = tmp / "keys.sqlite"
     key = KeyStore(keys_db).create("integration")
     with run_stack(resolved, keys_db=keys_db, log_dir=tmp / "logs", scratch=tmp / "scratch") as stack:
-        yield LiveStack(stack, key, keys_db)
+        yield LiveStack(stack, key, keys_db, tmp if adapters else None)
 
 
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
-    yield from start_live_stack("cpu-demo", tmp_path_factory.mktemp("smollm2"))
+STACK_FIXTURES = ("smollm2", "qwen3_5_tiny", "qwen3_5_tiny_bare")
+
+
+@dataclass
+class SharedStacks:
+    """The stacks running now, by fixture name, and how to stop each."""
+
+    running: dict[str, tuple[LiveStack, Iterator[LiveStack]]] = field(default_factory=dict)
+    """Each running stack and the generator that started it (resuming it stops the stack)."""
+    failed: dict[str, BaseException] = field(default_factory=dict)
+    """A stack that failed to start, so the rest of its run fails at once instead of starting it again."""
+
+    def get(self, name: str, start: Callable[[], Iterator[LiveStack]]) -> LiveStack:
+        """The running stack ``name``, started with ``start`` (a generator that yields it once) if none."""
+        if name in self.failed:
+            raise RuntimeError(f"the {name} stack failed to start for an earlier test") from self.failed[name]
+        if name not in self.running:
+            starting = start()
+            try:
+                self.running[name] = (next(starting), starting)
+            except BaseException as error:
+                self.failed[name] = error
+                raise
+        return self.running[name][0]
+
+    def stop_unused(self, needed: set[str]) -> None:
+        """Stop every running stack whose name is not in ``needed`` (and forget failed starts)."""
+        self.failed = {n: e for n, e in self.failed.items() if n in needed}
+        for name in [n for n in self.running if n not in needed]:
+            _, starting = self.running.pop(name)
+            next(starting, None)  # runs the generator's cleanup: the stack stops
+
+
+_SHARED = pytest.StashKey[SharedStacks]()
+
+
+def _shared(config: pytest.Config) -> SharedStacks:
+    return config.stash.setdefault(_SHARED, SharedStacks())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "stops_stack: the test stops its stack's vLLM; it runs after the stack's other users"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Move each ``stops_stack`` test after the last other test that uses the same stack."""
+    for item in [i for i in items if i.get_closest_marker("stops_stack")]:
+        used = set(getattr(item, "fixturenames", ())) & set(STACK_FIXTURES)
+        items.remove(item)
+        last = max(
+            (n for n, other in enumerate(items) if used & set(getattr(other, "fixturenames", ()))),
+            default=len(items) - 1,
+        )
+        items.insert(last + 1, item)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """After each test, stop the stacks the next test does not use."""
+    if _SHARED in item.config.stash:
+        needed = set(getattr(nextitem, "fixturenames", ())) if nextitem is not None else set()
+        _shared(item.config).stop_unused(needed)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop whatever still runs (an interrupted or failed session)."""
+    if _SHARED in session.config.stash:
+        _shared(session.config).stop_unused(set())
+
+
+@pytest.fixture
+def smollm2(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> LiveStack:
+    return _shared(request.config).get(
+        "smollm2", lambda: start_live_stack("cpu-demo", tmp_path_factory.mktemp("smollm2"))
+    )
 
 
 def tiny_adapters(tmp: Path) -> dict[str, Path]:
@@ -144,14 +325,22 @@ def tiny_adapters(tmp: Path) -> dict[str, Path]:
     return {"tiny-lora": good, "tiny-lora-causal-lm-keys": wrong}
 
 
-@pytest.fixture(scope="module")
-def qwen3_5_tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
-    tmp = tmp_path_factory.mktemp("qwen3_5")
+def _start_tiny_with_adapters(tmp: Path) -> Iterator[LiveStack]:
     yield from start_live_stack("cpu-qwen3_5-tiny", tmp, tiny_adapters(tmp))
 
 
-@pytest.fixture(scope="module")
-def qwen3_5_tiny_bare(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+@pytest.fixture
+def qwen3_5_tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> LiveStack:
+    return _shared(request.config).get(
+        "qwen3_5_tiny", lambda: _start_tiny_with_adapters(tmp_path_factory.mktemp("qwen3_5"))
+    )
+
+
+@pytest.fixture
+def qwen3_5_tiny_bare(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> LiveStack:
     """The tiny qwen3_5 model served as ``qwen3_5_tiny`` serves it (its reasoning and tool-call parsers),
     without the LoRA adapters: for tests of the API surface, which do not need a training run first."""
-    yield from start_live_stack("cpu-qwen3_5-tiny", tmp_path_factory.mktemp("qwen3_5_bare"))
+    return _shared(request.config).get(
+        "qwen3_5_tiny_bare",
+        lambda: start_live_stack("cpu-qwen3_5-tiny", tmp_path_factory.mktemp("qwen3_5_bare")),
+    )

@@ -36,12 +36,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 
-from serve.gateway.keys import KeyStore
-from tests.integration.conftest import ROOT, LiveStack, start_live_stack
+from tests.integration.conftest import ROOT, LiveStack, new_key, start_live_stack
 
 pytestmark = pytest.mark.integration
 
@@ -108,10 +106,10 @@ def _claude_version(claude: Path) -> str:
 @pytest.fixture(scope="session")
 def claude() -> Path:
     """The pinned Claude Code CLI, installed by the test set-up from the npm registry."""
-    if shutil.which("npm") is None:
-        pytest.skip(
+    if shutil.which("npm") is None:  # fail, never skip: a skipped Claude Code test would pretend coverage
+        pytest.fail(
             f"npm is not installed: these tests install @anthropic-ai/claude-code@{CLAUDE_CODE_VERSION} "
-            "from the npm registry with it (install Node.js with npm to run them)"
+            "from the npm registry with it (install Node.js with npm, e.g. apt-get install npm)"
         )
     return install_claude_code(INSTALL_DIR, CLAUDE_CODE_VERSION)
 
@@ -200,16 +198,6 @@ def ledger_rows(keys_db: Path, key_name: str, count: int, timeout_s: float = 30)
         if len(rows) >= count or time.monotonic() > deadline:
             return rows
         time.sleep(0.3)
-
-
-def new_key(live: LiveStack, name: str) -> str:
-    """A key of its own for one test, once the gateway accepts it."""
-    key = KeyStore(live.keys_db).create(name)
-    deadline = time.monotonic() + 15
-    while httpx.get(live.gateway + "/v1/models", headers={"x-api-key": key}).status_code != 200:
-        assert time.monotonic() < deadline, "the gateway never accepted the new key"
-        time.sleep(0.2)
-    return key
 
 
 def tool_uses(events: list[dict[str, Any]]) -> list[dict[str, Any]]:

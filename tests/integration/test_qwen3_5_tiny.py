@@ -4,10 +4,15 @@ tests check protocol shape, not content."""
 
 from __future__ import annotations
 
+import shutil
+import time
+
 import anthropic
 import httpx
 import openai
 import pytest
+
+from serve.gateway.keys import KeyPolicy, KeyStore
 
 pytestmark = pytest.mark.integration
 
@@ -95,3 +100,52 @@ def test_a_lora_on_the_real_layout_changes_the_output_and_the_causal_lm_prefix_d
     assert tuned != base, "the adapter trained through the served class must change the output"
     # The trap check-adapter exists for: vLLM accepts these keys and silently applies nothing.
     assert _logprobs(qwen3_5_tiny, "tiny-lora-causal-lm-keys") == base
+
+
+def test_an_admin_loads_and_unloads_an_adapter_at_runtime_and_it_serves(qwen3_5_tiny):
+    """POST /v1/adapters/load on real vLLM (VLLM_ALLOW_RUNTIME_LORA_UPDATING, set because the profile
+    names an adapters_dir): the loaded adapter serves exactly what the same weights served from startup,
+    and after unloading it is gone from /v1/models and refused by name."""
+    assert qwen3_5_tiny.adapters_dir is not None
+    shutil.copytree(qwen3_5_tiny.adapters_dir / "tiny-lora", qwen3_5_tiny.adapters_dir / "tiny-lora-runtime")
+    admin = {
+        "authorization": "Bearer " + KeyStore(qwen3_5_tiny.keys_db).create("admin", KeyPolicy(admin=True))
+    }
+    gateway = qwen3_5_tiny.gateway
+
+    def listed() -> set[str]:
+        reply = httpx.get(gateway + "/v1/models", headers=qwen3_5_tiny.headers())
+        return {m["id"] for m in reply.json()["data"]}
+
+    not_admin = httpx.post(
+        gateway + "/v1/adapters/load", headers=qwen3_5_tiny.headers(), json={"name": "tiny-lora-runtime"}
+    )
+    assert not_admin.status_code == 403, not_admin.text
+    # A key created while the gateway runs is seen at its next key reload (key_cache_ttl_s, 2 s).
+    deadline = time.monotonic() + 10
+    while (
+        escape := httpx.post(gateway + "/v1/adapters/load", headers=admin, json={"name": "../tiny-lora"})
+    ).status_code == 401 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert escape.status_code == 400, escape.text
+    assert "tiny-lora-runtime" not in listed()
+
+    loaded = httpx.post(
+        gateway + "/v1/adapters/load", headers=admin, json={"name": "tiny-lora-runtime"}, timeout=120
+    )
+    assert loaded.status_code == 200, loaded.text
+    assert "tiny-lora-runtime" in listed()
+    rounded = [round(x, 3) for x in _logprobs(qwen3_5_tiny, "tiny-lora-runtime")]
+    assert rounded == [round(x, 3) for x in _logprobs(qwen3_5_tiny, "tiny-lora")]
+
+    unloaded = httpx.post(
+        gateway + "/v1/adapters/unload", headers=admin, json={"name": "tiny-lora-runtime"}, timeout=60
+    )
+    assert unloaded.status_code == 200, unloaded.text
+    assert "tiny-lora-runtime" not in listed()
+    gone = httpx.post(
+        gateway + "/v1/completions",
+        headers=qwen3_5_tiny.headers(),
+        json={"model": "tiny-lora-runtime", "prompt": "Hi", "max_tokens": 2},
+    )
+    assert gone.status_code in {400, 404}, gone.text

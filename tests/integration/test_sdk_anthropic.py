@@ -26,12 +26,10 @@ import uuid
 from typing import Any
 
 import anthropic
-import httpx
 import pytest
 
-from serve.gateway.keys import KeyPolicy, KeyStore
-from tests.integration.conftest import LiveStack
-from tests.integration.test_team import ledger_row, wait_for
+from serve.gateway.keys import KeyPolicy
+from tests.integration.conftest import LiveStack, ledger_row, new_key
 
 pytestmark = pytest.mark.integration
 
@@ -275,12 +273,7 @@ def test_a_bad_key_is_an_authentication_error(qwen3_5_tiny_bare: LiveStack, how:
 def test_a_key_over_its_rpm_gets_a_rate_limit_error(qwen3_5_tiny_bare: LiveStack):
     live = qwen3_5_tiny_bare
     name = f"sdk-anthropic-rpm-{uuid.uuid4().hex[:6]}"
-    key = KeyStore(live.keys_db).create(name, KeyPolicy(rpm=1))
-    wait_for(
-        lambda: httpx.get(live.gateway + "/v1/models", headers={"x-api-key": key}).status_code == 200,
-        15,
-        "the gateway never accepted the new key",
-    )
+    key = new_key(live, name, KeyPolicy(rpm=1))
     client = client_for(live, key)
     served: list[tuple[str, anthropic.types.Usage]] = []
     refused: anthropic.RateLimitError | None = None

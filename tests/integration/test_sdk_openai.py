@@ -37,9 +37,8 @@ import httpx
 import openai
 import pytest
 
-from serve.gateway.keys import KeyPolicy, KeyStore
-from tests.integration.conftest import LiveStack
-from tests.integration.test_team import ledger_row, wait_for
+from serve.gateway.keys import KeyPolicy
+from tests.integration.conftest import LiveStack, ledger_row, new_key
 
 pytestmark = pytest.mark.integration
 
@@ -543,15 +542,7 @@ def test_a_bad_key_is_an_authentication_error_and_a_ledger_row(qwen3_5_tiny_bare
 def test_a_key_over_its_rpm_gets_a_rate_limit_error_and_usage_shows_it(qwen3_5_tiny_bare: LiveStack):
     live = qwen3_5_tiny_bare
     name = f"sdk-rpm-{uuid.uuid4().hex[:6]}"
-    key = KeyStore(live.keys_db).create(name, KeyPolicy(rpm=1))
-    wait_for(
-        lambda: (
-            httpx.get(live.gateway + "/v1/models", headers={"authorization": f"Bearer {key}"}).status_code
-            == 200
-        ),
-        15,
-        "the gateway never accepted the new key",
-    )
+    key = new_key(live, name, KeyPolicy(rpm=1))
     client = client_for(live, key)
     served: list[tuple[str, int]] = []
     refused: openai.RateLimitError | None = None
@@ -602,19 +593,6 @@ def test_a_key_over_its_rpm_gets_a_rate_limit_error_and_usage_shows_it(qwen3_5_t
     assert sum(r["completion_tokens"] for r in rows) == 2 * len(served)
 
 
-def _new_key(live: LiveStack, policy: KeyPolicy) -> str:
-    key = KeyStore(live.keys_db).create(f"sdk-{uuid.uuid4().hex[:6]}", policy)
-    wait_for(
-        lambda: (
-            httpx.get(live.gateway + "/v1/models", headers={"authorization": f"Bearer {key}"}).status_code
-            == 200
-        ),
-        15,
-        "the gateway never accepted the new key",
-    )
-    return key
-
-
 def test_a_keys_thinking_budget_ends_the_reasoning_and_the_answer_still_comes(qwen3_5_tiny_bare: LiveStack):
     """vLLM 0.32's thinking_token_budget, set by the gateway from the key: without it the random model
     thinks for longer than the budget (greedy: 32 of its 48 tokens); with a budget of 8 vLLM forces the
@@ -627,7 +605,9 @@ def test_a_keys_thinking_budget_ends_the_reasoning_and_the_answer_still_comes(qw
         ("thinking off", KeyPolicy(enable_thinking=False)),
     ):
         request_id = rid(label.replace(" ", "-"))
-        reply = client_for(live, _new_key(live, policy)).chat.completions.create(
+        reply = client_for(
+            live, new_key(live, f"sdk-{uuid.uuid4().hex[:6]}", policy)
+        ).chat.completions.create(
             model=live.model,
             messages=QUESTION,
             max_tokens=48,

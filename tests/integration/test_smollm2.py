@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import stat
-import time
 
 import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import listening_sockets, vllm_gauge
+from tests.integration.conftest import listening_sockets, wait_decoding, wait_idle
 
 pytestmark = pytest.mark.integration
 
@@ -61,30 +60,28 @@ def test_models_and_completions_pass_through(smollm2):
 
 
 def test_a_client_disconnect_cancels_the_request_in_vllm(smollm2):
+    max_tokens = 400
     body = {
         "model": smollm2.model,
         "messages": QUESTION,
-        "max_tokens": 400,
+        "max_tokens": max_tokens,
         "stream": True,
         "ignore_eos": True,
         "temperature": 0,
     }
+    # Only this test's request runs in vLLM from here on, so its counters are this request's.
+    tokens_before = wait_idle(smollm2, 60, "vLLM was still busy with an earlier request")
     with httpx.stream(
         "POST", smollm2.gateway + "/v1/chat/completions", json=body, headers=smollm2.headers(), timeout=60
     ) as reply:
         assert reply.status_code == 200
         chunks = reply.iter_raw()
         next(chunks)
-        # vLLM refreshes its gauges once per engine step: wait until it reports this request running.
-        deadline = time.monotonic() + 15
-        while vllm_gauge(smollm2, "vllm:num_requests_running") != 1:
-            assert time.monotonic() < deadline, "vLLM never reported the streaming request as running"
-            next(chunks)
-            time.sleep(0.1)
-    deadline = time.monotonic() + 15
-    while vllm_gauge(smollm2, "vllm:num_requests_running") != 0:
-        assert time.monotonic() < deadline, "vLLM kept generating for a client that left"
-        time.sleep(0.2)
+        wait_decoding(smollm2, tokens_before, meanwhile=lambda: next(chunks))
+    # The client has left: vLLM stops decoding well before max_tokens.
+    tokens_after = wait_idle(smollm2, 30, "vLLM kept generating for a client that left")
+    generated = tokens_after - tokens_before
+    assert 0 < generated < max_tokens / 2, f"{generated} of {max_tokens} tokens generated"
 
 
 # (method, path, does this vLLM serve it directly?). /v1/load_lora_adapter exists only with
@@ -148,8 +145,9 @@ def test_vllm_error_bodies_reach_the_client_unchanged(smollm2):
     assert json.loads(through.content) == json.loads(direct.content)
 
 
-def test_zz_upstream_stopped_gives_503_with_retry_after(smollm2):
-    """Runs last in this module: it stops the module's vLLM."""
+@pytest.mark.stops_stack
+def test_upstream_stopped_gives_503_with_retry_after(smollm2):
+    """Runs after every other test that uses the smollm2 stack (conftest): it stops that vLLM."""
     smollm2.stack.vllm.stop()
     reply = httpx.post(
         smollm2.gateway + "/v1/chat/completions",

@@ -6,53 +6,26 @@ from __future__ import annotations
 
 import http.client
 import json
-import sqlite3
-import time
 import urllib.parse
 import uuid
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from serve.gateway.keys import KeyPolicy, KeyStore
-from tests.integration.conftest import LiveStack, vllm_gauge
+from serve.gateway.keys import KeyPolicy
+from tests.integration.conftest import LiveStack, ledger_row, new_key, vllm_gauge, wait_decoding, wait_idle
+from tests.polling import wait_for
 
 pytestmark = pytest.mark.integration
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def ledger_row(keys_db: Path, request_id: str, timeout_s: float = 15) -> dict[str, Any]:
-    """The ``usage_ledger`` row of ``request_id``, waiting for the gateway's batched writer to insert it."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with sqlite3.connect(keys_db, timeout=30) as connection:
-            connection.row_factory = sqlite3.Row
-            rows = connection.execute(
-                "SELECT * FROM usage_ledger WHERE request_id = ?", (request_id,)
-            ).fetchall()
-        if rows:
-            assert len(rows) == 1, f"{len(rows)} ledger rows for {request_id}"
-            return dict(rows[0])
-        assert time.monotonic() < deadline, f"no ledger row for {request_id} after {timeout_s} s"
-        time.sleep(0.2)
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, message: str) -> None:
-    """Poll ``condition()`` every 0.2 s until it is true; fail with ``message`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, message
-        time.sleep(0.2)
-
-
 def test_a_client_leaving_a_non_streamed_request_stops_the_generation_in_vllm(smollm2: LiveStack):
     max_tokens = 1900  # with ignore_eos: far longer to decode on a CPU than this test waits
-    generated_before = vllm_gauge(smollm2, "vllm:generation_tokens_total")
+    # Only this test's request runs in vLLM from here on, so its counters are this request's.
+    generated_before = wait_idle(smollm2, 60, "vLLM was still busy with an earlier request")
     request_id = f"leave-{uuid.uuid4().hex}"
     gateway = urllib.parse.urlsplit(smollm2.gateway)
     conn = http.client.HTTPConnection(gateway.hostname, gateway.port, timeout=60)
@@ -69,19 +42,12 @@ def test_a_client_leaving_a_non_streamed_request_stops_the_generation_in_vllm(sm
         body=json.dumps(body),
         headers={**smollm2.headers(), "content-type": "application/json", "x-request-id": request_id},
     )
-    # vLLM refreshes its gauges once per engine step: wait until it reports this request running.
-    wait_for(
-        lambda: vllm_gauge(smollm2, "vllm:num_requests_running") == 1,
-        30,
-        "vLLM never reported the request as running",
-    )
+    wait_decoding(smollm2, generated_before)
     conn.close()  # the client leaves before the (non-streamed) answer exists
-    wait_for(
-        lambda: vllm_gauge(smollm2, "vllm:num_requests_running") == 0,
-        15,
-        "vLLM kept generating a non-streamed answer for a client that left",
+    generated = (
+        wait_idle(smollm2, 30, "vLLM kept generating a non-streamed answer for a client that left")
+        - generated_before
     )
-    generated = vllm_gauge(smollm2, "vllm:generation_tokens_total") - generated_before
     assert 0 < generated < max_tokens / 2, f"{generated} of {max_tokens} tokens generated"
     row = ledger_row(smollm2.keys_db, request_id)
     assert (row["outcome"], row["status"], row["stream"]) == ("client_disconnect", 499, 0)
@@ -109,13 +75,8 @@ def test_a_stream_without_stream_options_shows_no_usage_chunk_but_is_in_the_ledg
 
 def test_a_key_with_max_n_refuses_n_1000_before_vllm(smollm2: LiveStack):
     # Tried as a new user would: {"n": 1000} went through to vLLM and came back with 1,000 choices.
-    key = KeyStore(smollm2.keys_db).create("team-max-n", KeyPolicy(max_n=4))
+    key = new_key(smollm2, "team-max-n", KeyPolicy(max_n=4))
     headers = {"authorization": f"Bearer {key}"}
-    wait_for(
-        lambda: httpx.get(smollm2.gateway + "/v1/models", headers=headers).status_code == 200,
-        15,
-        "the gateway never accepted the new key",
-    )
     # vLLM's HTTP request counter (every route it serves, /metrics excluded): only what reached it.
     reached_before = vllm_gauge(smollm2, "http_requests_total")
     request_id = f"n1000-{uuid.uuid4().hex}"
@@ -142,6 +103,7 @@ def test_a_key_with_max_n_refuses_n_1000_before_vllm(smollm2: LiveStack):
         lambda: vllm_gauge(smollm2, "http_requests_total") >= reached_before + 1,
         15,
         "vLLM never counted the allowed request",
+        0.2,
     )
     assert vllm_gauge(smollm2, "http_requests_total") == reached_before + 1, "n=1000 reached vLLM"
     row = ledger_row(smollm2.keys_db, request_id)
