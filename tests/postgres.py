@@ -26,6 +26,7 @@ import stat
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,8 @@ from typing import NoReturn
 
 import psycopg
 import pytest
-from sqlalchemy import URL
+from sqlalchemy import URL, create_engine, text
+from sqlalchemy.engine import make_url
 
 log = logging.getLogger(__name__)
 
@@ -217,3 +219,27 @@ def throwaway_postgres() -> Iterator[PostgresServer]:
         if folder.exists():
             log.warning("could not remove %s completely", folder)
         log.info("throwaway PostgreSQL stopped and removed in %.2f s", time.monotonic() - stopping)
+
+
+@contextlib.contextmanager
+def new_database(server_url: str, prefix: str) -> Iterator[str]:
+    """A new, empty database ``<prefix>_<12 hex>`` on the server at ``server_url`` (a SQLAlchemy URL such
+    as the ``postgres_url`` fixture's), so no test sees another's rows; dropped at the end even while
+    connections to it are open (``WITH (FORCE)``).
+
+    Yields:
+        The database's SQLAlchemy URL, password included (for a gateway's ``KIT_GATEWAY_DATABASE_URL``).
+    """
+    server = make_url(server_url)
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f"CREATE DATABASE {name}"))
+        try:
+            yield server.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as connection:
+                connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    finally:
+        admin.dispose()

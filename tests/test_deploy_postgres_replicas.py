@@ -11,7 +11,6 @@ workers of one gateway on PostgreSQL; this is the Kubernetes switch, two gateway
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,13 +19,13 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from sqlalchemy import create_engine, func, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import create_engine, func, select
 
 from serve.gateway.keys import KeyPolicy, KeyStore
 from serve.gateway.store import LedgerRow
 from tests.conftest import ThreadedAiohttp
 from tests.gateway_process import GatewayProcess, start_gateway_process
+from tests.postgres import new_database
 from tests.test_gateway_limits import FakeVllm, minute_requests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,34 +54,28 @@ class Replicas:
 def replicas(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> Iterator[Replicas]:
     fake = FakeVllm()
     upstream = ThreadedAiohttp(fake.app()).start()
-    server = make_url(postgres_url)
-    name = f"replicas_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f"CREATE DATABASE {name}"))
-    url = server.set(database=name).render_as_string(hide_password=False)
     gateways: list[GatewayProcess] = []
     try:
-        store = KeyStore(url)
-        keys = {key: store.create(key, policy) for key, policy in KEYS.items()}
-        store.engine.dispose()
-        env = {
-            **manifest_env(),
-            "KIT_GATEWAY_DATABASE_URL": url,  # what the Secret kit-gateway-db supplies
-            "KIT_GATEWAY_KEY_CACHE_TTL_S": "0.5",
-        }
-        for index in range(2):
-            folder = tmp_path_factory.mktemp(f"replica{index}")  # nothing shared but the database
-            gateways.append(start_gateway_process(folder, upstream.url, env, workers=1))
-        yield Replicas(gateways, keys, url, fake)
+        with new_database(postgres_url, "replicas") as url:
+            try:
+                store = KeyStore(url)
+                keys = {key: store.create(key, policy) for key, policy in KEYS.items()}
+                store.engine.dispose()
+                env = {
+                    **manifest_env(),
+                    "KIT_GATEWAY_DATABASE_URL": url,  # what the Secret kit-gateway-db supplies
+                    "KIT_GATEWAY_KEY_CACHE_TTL_S": "0.5",
+                }
+                for index in range(2):
+                    folder = tmp_path_factory.mktemp(f"replica{index}")  # nothing shared but the database
+                    gateways.append(start_gateway_process(folder, upstream.url, env, workers=1))
+                yield Replicas(gateways, keys, url, fake)
+            finally:
+                for gateway in gateways:
+                    gateway.stop()
     finally:
-        for gateway in gateways:
-            gateway.stop()
         fake.release.set()
         upstream.stop()
-        with admin.connect() as connection:
-            connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
 
 
 def post(gateway: GatewayProcess, key: str) -> int:

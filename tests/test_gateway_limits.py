@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -28,13 +27,13 @@ import httpx
 import openai
 import pytest
 from aiohttp import web
-from sqlalchemy import create_engine, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import select
 
 from serve.gateway.keys import KeyPolicy, KeyStore
 from serve.gateway.store import LimitState, open_engine
 from tests.conftest import ThreadedAiohttp
 from tests.gateway_process import GatewayProcess, Reply, WorkerConnection, gateway_process
+from tests.postgres import new_database
 
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
@@ -213,20 +212,10 @@ def postgres_gateway(
     """The gateway as a team runs it on several hosts: keys, counters and ledger in PostgreSQL (a fresh
     database on the session's server, dropped at the end)."""
     folder = tmp_path_factory.mktemp("gw-postgres")
-    server = make_url(postgres_url)
-    name = f"gateway_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f"CREATE DATABASE {name}"))
-    url = server.set(database=name).render_as_string(hide_password=False)
-    try:
+    with new_database(postgres_url, "gateway") as url:
         keys = create_keys(url)
         with gateway_process(folder, upstream[0].url, {"KIT_GATEWAY_DATABASE_URL": url}) as process:
             yield Running(process, keys, url)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
 
 
 def room_in_window(window_s: float, needed_s: float) -> None:

@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, insert, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import insert, select
 
 from serve.gateway.keys import KeyPolicy
 from serve.gateway.limits import Denial, Limiter, LocalLimiter, Reservation, windows
 from serve.gateway.shared_counters import SharedCounters, Window
 from serve.gateway.store import InFlight, LedgerRow, LimitState, open_engine
 from serve.gateway.usage_report import usage_in_windows
+from tests.postgres import new_database
 
 TTL_S = 3600.0  # in-flight TTL of the SQL limiter, for tests that do not test the TTL itself
 SLOW_S = 0.002  # how long the slowed critical section sleeps (see slow_critical_sections)
@@ -58,17 +58,8 @@ def fresh_database(kind: str, tmp_path: Path, request: pytest.FixtureRequest) ->
     if kind == "sqlite":
         yield f"sqlite:///{tmp_path / 'limits.sqlite'}"
         return
-    server = make_url(request.getfixturevalue("postgres_url"))
-    name = f"limits_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f"CREATE DATABASE {name}"))
-        yield server.set(database=name).render_as_string(hide_password=False)
-        with admin.connect() as connection:
-            connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    finally:
-        admin.dispose()
+    with new_database(request.getfixturevalue("postgres_url"), "limits") as url:
+        yield url
 
 
 @dataclass

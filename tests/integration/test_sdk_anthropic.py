@@ -291,7 +291,7 @@ def test_a_key_over_its_rpm_gets_a_rate_limit_error(qwen3_5_tiny_bare: LiveStack
             break
         served.append((request_id, message.usage))
     assert refused is not None, "a key with rpm=1 was served 3 requests in a row"
-    assert 1 <= len(served) <= 2
+    assert served, "a key with rpm=1 was refused its first request"
     assert refused.status_code == 429 and refused.type == "rate_limit_error"
     assert int(refused.response.headers["retry-after"]) >= 1
     assert "rpm" in (refused.api_message or "")

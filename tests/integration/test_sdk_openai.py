@@ -565,7 +565,7 @@ def test_a_key_over_its_rpm_gets_a_rate_limit_error_and_usage_shows_it(qwen3_5_t
         assert reply.usage is not None
         served.append((request_id, reply.usage.prompt_tokens))
     assert refused is not None, "a key with rpm=1 was served 3 requests in a row"
-    assert 1 <= len(served) <= 2
+    assert served, "a key with rpm=1 was refused its first request"
     assert refused.status_code == 429 and refused.code == "rate_limit_exceeded"
     assert int(refused.response.headers["retry-after"]) >= 1
     assert refused.response.headers["x-ratelimit-limit"] == "rpm=1"

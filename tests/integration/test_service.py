@@ -14,9 +14,12 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
+from openai import Stream
+from openai.types.chat import ChatCompletionChunk
 
 from serve import processes as procs
 from serve import service
@@ -128,14 +131,20 @@ def test_start_status_chat_drain_stop_leaves_nothing(tmp_path):
         probe_tokens = 64
         content_at: list[float] = []
         probe_usage = None
-        for chunk in client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": "Count to one hundred."}],
-            max_tokens=probe_tokens,
-            extra_body={"ignore_eos": True},
-            stream=True,
-            stream_options={"include_usage": True},
-        ):
+
+        def counting(max_tokens: int, **options: Any) -> Stream[ChatCompletionChunk]:
+            """A stream of exactly ``max_tokens`` tokens (``ignore_eos``), usage in its last chunk."""
+            return client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "Count to one hundred."}],
+                max_tokens=max_tokens,
+                extra_body={"ignore_eos": True},
+                stream=True,
+                stream_options={"include_usage": True},
+                **options,
+            )
+
+        for chunk in counting(probe_tokens):
             if chunk.choices and chunk.choices[0].delta.content:
                 content_at.append(time.monotonic())
             probe_usage = chunk.usage or probe_usage
@@ -148,16 +157,7 @@ def test_start_status_chat_drain_stop_leaves_nothing(tmp_path):
         last_chunk_at = [0.0]
 
         def long_request() -> None:
-            stream = client.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": "Count to one hundred."}],
-                max_tokens=tokens,
-                extra_body={"ignore_eos": True},
-                stream=True,
-                stream_options={"include_usage": True},
-                timeout=300,
-            )
-            for chunk in stream:
+            for chunk in counting(tokens, timeout=300):
                 first_chunk.set()
                 last_chunk_at[0] = time.time()
                 if chunk.choices and chunk.choices[0].finish_reason:
