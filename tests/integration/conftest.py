@@ -86,32 +86,31 @@ def ledger_row(keys_db: Path, request_id: str, timeout_s: float = 15) -> dict[st
         time.sleep(0.2)
 
 
-def vllm_gauge(live: LiveStack, name: str) -> float:
-    """Sum of a vLLM Prometheus gauge (e.g. ``vllm:num_requests_running``) over its label sets."""
+def vllm_metrics(live: LiveStack, *names: str) -> tuple[float, ...]:
+    """Each of vLLM's Prometheus metrics ``names`` (e.g. ``vllm:num_requests_running``) summed over its
+    label sets, from one scrape of its /metrics (gauges it refreshes once per engine step)."""
     with live.vllm_client() as client:
         text = client.get(live.vllm + "/metrics").text
-    values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$", text, re.M)]
-    assert values, f"{name} not in vLLM's /metrics"
-    return sum(values)
-
-
-def vllm_requests(live: LiveStack) -> tuple[float, float, float]:
-    """vLLM's ``(running, waiting, generation tokens so far)`` from its /metrics (gauges it refreshes once
-    per engine step)."""
-    with live.vllm_client() as client:
-        text = client.get(live.vllm + "/metrics").text
-
-    def total(name: str) -> float:
+    sums = []
+    for name in names:
         pattern = rf"^{re.escape(name)}\{{[^}}]*\}} (\S+)$"
         values = [float(m.group(1)) for m in re.finditer(pattern, text, re.M)]
         assert values, f"{name} not in vLLM's /metrics"
-        return sum(values)
+        sums.append(sum(values))
+    return tuple(sums)
 
-    return (
-        total("vllm:num_requests_running"),
-        total("vllm:num_requests_waiting"),
-        total("vllm:generation_tokens_total"),
+
+def vllm_gauge(live: LiveStack, name: str) -> float:
+    """Sum of a vLLM Prometheus metric (e.g. ``vllm:num_requests_running``) over its label sets."""
+    return vllm_metrics(live, name)[0]
+
+
+def vllm_requests(live: LiveStack) -> tuple[float, float, float]:
+    """vLLM's ``(running, waiting, generation tokens so far)``, from one scrape."""
+    running, waiting, tokens = vllm_metrics(
+        live, "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:generation_tokens_total"
     )
+    return running, waiting, tokens
 
 
 def wait_decoding(
