@@ -118,9 +118,12 @@ def wait_decoding(
     tokens_before: float,
     timeout_s: float = 60,
     meanwhile: Callable[[], object] | None = None,
-) -> None:
+) -> float:
     """Wait until vLLM has generated tokens since ``tokens_before`` (its ``generation_tokens_total``, taken
     when it was idle): the test's one request decodes. ``meanwhile`` runs between looks (read a stream on).
+
+    Returns:
+        The tokens generated since ``tokens_before`` at that look (the request's tokens so far).
 
     Raises:
         AssertionError: not within ``timeout_s`` seconds, with the last readings.
@@ -131,7 +134,7 @@ def wait_decoding(
         running, waiting, tokens = vllm_requests(live)
         readings.append((running, waiting, tokens - tokens_before))
         if tokens > tokens_before:
-            return
+            return tokens - tokens_before
         assert time.monotonic() < deadline, (
             f"vLLM never decoded the request within {timeout_s} s; last (running, waiting, tokens generated) "
             f"readings: {readings[-5:]}"
@@ -159,6 +162,30 @@ def wait_idle(live: LiveStack, timeout_s: float, message: str) -> float:
             f"{readings[-5:]})"
         )
         time.sleep(0.2)
+
+
+def assert_generation_stopped(
+    live: LiveStack, tokens_before: float, at_leave: float, max_tokens: int, what: str
+) -> None:
+    """After the client of the one running request (``ignore_eos``, ``max_tokens``) left: vLLM goes idle
+    having generated fewer than ``max_tokens``. Without an abort it generates exactly ``max_tokens``,
+    so any shortfall is the abort; how soon it lands depends on the machine (a loaded CI runner let a
+    non-streamed request run 1,689 of 1,900 tokens before it), which the failure message shows.
+
+    Args:
+        tokens_before: vLLM's ``generation_tokens_total`` when it was idle before the request.
+        at_leave: the request's tokens when the client left (``wait_decoding``'s answer).
+        what: the request, for the message (``"a non-streamed answer"``).
+
+    Raises:
+        AssertionError: vLLM still busy after 90 s, or it generated all ``max_tokens`` (or none).
+    """
+    left = time.monotonic()
+    generated = wait_idle(live, 90, f"vLLM kept generating {what} for a client that left") - tokens_before
+    assert 0 < generated < max_tokens, (
+        f"vLLM generated {generated:.0f} of {max_tokens} tokens of {what} ({at_leave:.0f} when the client "
+        f"left, idle {time.monotonic() - left:.1f} s later)"
+    )
 
 
 @dataclass(frozen=True)
