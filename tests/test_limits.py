@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 from sqlalchemy import insert, select
 
+from serve.gateway import limits
 from serve.gateway.keys import KeyPolicy
 from serve.gateway.limits import Denial, Limiter, LocalLimiter, Reservation, windows
 from serve.gateway.shared_counters import SharedCounters, Window
@@ -155,27 +156,16 @@ def slow_critical_sections(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sleep inside each store's check-and-count, after reading the counters and before writing them
     back: the window in which a missing lock lets two admissions read the same count is then
     milliseconds wide instead of microseconds, so over-admission would actually happen, not only in
-    theory. With the lock, the other admissions wait it out."""
-    read, in_flight, check = SharedCounters.read, SharedCounters.in_flight, Limiter._check
+    theory. With the lock, the other admissions wait it out. Every store decides through
+    ``limits.evaluate`` between its read and its write, so that is where the sleep goes."""
+    evaluate = limits.evaluate
 
-    def slow_read(self: SharedCounters, name: str) -> Window:
-        value = read(self, name)
+    def slow_evaluate(*args: Any) -> Any:
+        decided = evaluate(*args)
         time.sleep(SLOW_S)
-        return value
+        return decided
 
-    def slow_in_flight(self: SharedCounters, name: str) -> int:
-        value = in_flight(self, name)
-        time.sleep(SLOW_S)
-        return value
-
-    def slow_check(self: Limiter, *args: Any) -> Any:
-        value = check(self, *args)
-        time.sleep(SLOW_S)
-        return value
-
-    monkeypatch.setattr(SharedCounters, "read", slow_read)
-    monkeypatch.setattr(SharedCounters, "in_flight", slow_in_flight)
-    monkeypatch.setattr(Limiter, "_check", slow_check)
+    monkeypatch.setattr(limits, "evaluate", slow_evaluate)
 
 
 def admitted(result: Reservation | Denial) -> Reservation:
