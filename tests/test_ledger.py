@@ -451,3 +451,49 @@ def test_the_request_paths_row_values_line_up_with_the_ledgers_columns():
         "policy_id": None,
         "client_ip": "203.0.113.9",
     }
+
+
+def test_the_writers_own_conversions_store_what_sqlalchemys_insert_stores(tmp_path):
+    """The writer formats ``created_at`` and binds ``stream`` itself (SQLAlchemy's per-row processors cost
+    more than the insert): the stored text and types must be the ones an ORM insert stores, or reads
+    and the usage report's date grouping would disagree between rows."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'ledger.sqlite'}", create=True)
+    row = {
+        "created_at": datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC),  # no microseconds: still written out
+        "key_name": "alice",
+        "model": "m",
+        "route": "/v1/chat/completions",
+        "status": 200,
+        "outcome": "ok",
+        "stream": True,
+        "prompt_tokens": 3,
+        "completion_tokens": 5,
+        "latency_ms": 12.5,
+        "ttft_ms": None,
+    }
+    writer = LedgerWriter(engine, tmp_path)
+    writer.record({**row, "request_id": "writer"})
+    writer.record({**row, "request_id": "writer-2", "created_at": datetime(2026, 3, 4, 5, 6, 7, 891, UTC)})
+    assert asyncio.run(writer._flush())
+    with engine.begin() as connection:
+        connection.execute(insert(LedgerRow), [{**row, "request_id": "orm"}])
+        connection.execute(
+            insert(LedgerRow),
+            [{**row, "request_id": "orm-2", "created_at": datetime(2026, 3, 4, 5, 6, 7, 891, UTC)}],
+        )
+    engine.dispose()
+    columns = (
+        "created_at, typeof(created_at), stream, typeof(stream), latency_ms, typeof(latency_ms), ttft_ms"
+    )
+    with contextlib.closing(sqlite3.connect(tmp_path / "ledger.sqlite")) as db:
+        stored = {
+            rid: db.execute(f"SELECT {columns} FROM usage_ledger WHERE request_id = ?", (rid,)).fetchone()
+            for rid in ("writer", "orm", "writer-2", "orm-2")
+        }
+    assert (
+        stored["writer"]
+        == stored["orm"]
+        == ("2026-03-04 05:06:07.000000", "text", 1, "integer", 12.5, "real", None)
+    )
+    assert stored["writer-2"] == stored["orm-2"]
+    assert stored["writer-2"][0] == "2026-03-04 05:06:07.000891"

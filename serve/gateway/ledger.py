@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Boolean, DateTime, Float, Integer, String
 from sqlalchemy.engine import Engine
 
 from serve.gateway.store import LedgerRow
@@ -41,9 +42,22 @@ _DEFAULTS = {
 _PLACEHOLDER = {"qmark": "?", "format": "%s", "pyformat": "%s"}  # positional (sqlite3, psycopg)
 
 
+def sqlite_datetime(value: datetime) -> str:
+    """The text SQLAlchemy's SQLite ``DATETIME`` stores for ``value`` (its default storage format,
+    ``YYYY-MM-DD HH:MM:SS.ffffff``, the wall time without a zone), made by ``datetime.isoformat`` in C
+    instead of a ``%`` over seven fields in Python: one call per ledger row."""
+    return value.isoformat(" ", "microseconds")[:26]
+
+
+# Column types whose values a ledger row already holds as the Python type the DBAPI binds as it is (bool,
+# int, float, str, None for sqlite3 and psycopg): SQLAlchemy's processors for them would only copy.
+_BOUND_AS_IS = (Boolean, Integer, Float, String)
+
+
 def insert_statement(engine: Engine) -> tuple[str, list[tuple[int, Callable[[Any], Any]]]]:
     """The ``usage_ledger`` INSERT in the engine's DBAPI parameter style (positional, ``COLUMNS``
-    order), and the columns whose values the dialect converts (e.g. ``datetime`` to SQLite's text)."""
+    order), and the columns whose values must be converted first (on SQLite: ``created_at`` to its text;
+    on Postgres: none)."""
     dialect = engine.dialect
     quote = dialect.identifier_preparer.quote
     style = _PLACEHOLDER[dialect.paramstyle]
@@ -52,9 +66,18 @@ def insert_statement(engine: Engine) -> tuple[str, list[tuple[int, Callable[[Any
         for index, name in enumerate(COLUMNS)
     )
     sql = f"INSERT INTO {quote(_LEDGER.name)} ({', '.join(quote(name) for name in COLUMNS)}) VALUES ({marks})"
-    converters = []
+    converters: list[tuple[int, Callable[[Any], Any]]] = []
     for index, name in enumerate(COLUMNS):
-        converter = _LEDGER.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+        column_type = _LEDGER.c[name].type
+        if dialect.name == "sqlite" and isinstance(column_type, DateTime | Boolean):
+            # sqlite3 binds exact ints, floats and strings directly; anything else, a bool included,
+            # goes through its adapter lookup first (CPython Modules/_sqlite/cursor.c, need_adapt),
+            # so a bool is given as 0 / 1, which is what SQLAlchemy stores for it.
+            converters.append((index, sqlite_datetime if isinstance(column_type, DateTime) else int))
+            continue
+        if isinstance(column_type, _BOUND_AS_IS):
+            continue
+        converter = column_type.dialect_impl(dialect).bind_processor(dialect)
         if converter is not None:
             converters.append((index, converter))
     return sql, converters
