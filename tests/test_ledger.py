@@ -454,9 +454,9 @@ def test_the_request_paths_row_values_line_up_with_the_ledgers_columns():
 
 
 def test_the_writers_own_conversions_store_what_sqlalchemys_insert_stores(tmp_path):
-    """The writer formats ``created_at`` and binds ``stream`` itself (SQLAlchemy's per-row processors cost
-    more than the insert): the stored text and types must be the ones an ORM insert stores, or reads
-    and the usage report's date grouping would disagree between rows."""
+    """The writer formats ``created_at`` and binds ``stream`` itself (cheaper than SQLAlchemy's per-row
+    processors): the stored text and types must be the ones an ORM insert stores, or reads and the
+    usage report's date grouping would disagree between rows."""
     engine = open_engine(f"sqlite:///{tmp_path / 'ledger.sqlite'}", create=True)
     row = {
         "created_at": datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC),  # no microseconds: still written out
