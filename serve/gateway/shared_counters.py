@@ -228,18 +228,6 @@ class SharedCounters:
         """The key's windows as stored (call under ``lock``)."""
         return self.read_at(self.offsets(name)[0])
 
-    def write(self, name: str, window: Window) -> None:
-        """Store the key's windows (call under ``lock``); the slot's name hash stays as it is."""
-        self.write_at(self.offsets(name)[0], window)
-
-    def in_flight(self, name: str) -> int:
-        """Requests of ``name`` in flight on every worker (call under ``lock``)."""
-        return self.in_flight_of(self.offsets(name)[2])
-
-    def add_in_flight(self, name: str, delta: int) -> None:
-        """Change this worker's in-flight count of ``name`` (call under ``lock``)."""
-        self.add_in_flight_at(self.offsets(name)[1], delta)
-
     def close(self) -> None:
         """Give the worker slot back and unmap."""
         with self._locked_fd():
