@@ -56,8 +56,8 @@ _BOUND_AS_IS = (Boolean, Integer, Float, String)
 
 def insert_statement(engine: Engine) -> tuple[str, list[tuple[int, Callable[[Any], Any]]]]:
     """The ``usage_ledger`` INSERT in the engine's DBAPI parameter style (positional, ``COLUMNS``
-    order), and the columns whose values must be converted first (on SQLite: ``created_at`` to its text;
-    on Postgres: none)."""
+    order), and the columns whose values must be converted first (on SQLite: ``created_at`` to its text
+    and ``stream`` to 0 / 1; on Postgres: none)."""
     dialect = engine.dialect
     quote = dialect.identifier_preparer.quote
     style = _PLACEHOLDER[dialect.paramstyle]
