@@ -15,6 +15,7 @@ import logging
 import os
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +27,7 @@ from sqlalchemy import create_engine, func, insert, select
 from sqlalchemy.engine import Engine
 
 from serve.gateway import store
+from serve.gateway.access import new_request_id
 from serve.gateway.ledger import LedgerWriter
 from serve.gateway.store import LedgerRow, open_engine
 from tests.polling import wait_for
@@ -497,3 +499,20 @@ def test_the_writers_own_conversions_store_what_sqlalchemys_insert_stores(tmp_pa
     )
     assert stored["writer-2"] == stored["orm-2"]
     assert stored["writer-2"][0] == "2026-03-04 05:06:07.000891"
+
+
+def test_new_request_ids_are_uuid7_and_sort_by_time_so_the_ledger_index_appends():
+    """The gateway's own request ids are UUIDv7 (RFC 9562): made a millisecond apart or more they sort in
+    the order they were made, so the ``request_id`` index of a large ledger grows at its end (random ids
+    scatter its pages; see ``new_request_id`` for what that cost)."""
+    ids = []
+    for _ in range(20):
+        ids.append(new_request_id())
+        time.sleep(0.002)
+    assert ids == sorted(ids)
+    parsed = [uuid.UUID(value) for value in ids]
+    assert all(value.version == 7 and value.variant == uuid.RFC_4122 for value in parsed)
+    assert all(len(value) == 32 and value == value.lower() for value in ids)
+    made_at_ms = int(ids[0][:12], 16)
+    assert abs(made_at_ms - (time.time() - 0.04) * 1000) < 5_000
+    assert len({new_request_id() for _ in range(10_000)}) == 10_000
