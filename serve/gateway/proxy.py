@@ -438,18 +438,24 @@ async def _relay_whole(gateway: Gateway, call: Call, upstream: aiohttp.ClientRes
         raise unavailable("the response broke off", gateway.settings.retry_after_s) from None
     if upstream.status >= 500:
         gateway.metrics.upstream_errors.labels("status").inc()
-    if upstream.status < 400:
-        call.usage.feed_body(payload)
-        if call.route.lists_models and call.principal is not None:
-            payload = filtered_listing(payload, call.principal, gateway.aliases)
+    answer = payload
+    if upstream.status < 400 and call.route.lists_models and call.principal is not None:
+        answer = filtered_listing(payload, call.principal, gateway.aliases)
     call.outcome = "ok"
-    await settle(gateway, call)
-    headers = _response_headers(upstream, (b"content-length", str(len(payload)).encode()), call.id_header)
+    headers = _response_headers(upstream, (b"content-length", str(len(answer)).encode()), call.id_header)
     call.finished = True
     call.response_started = True
-    call.sent_bytes = len(payload)
-    await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload, "more_body": False})
+    call.sent_bytes = len(answer)
+    try:
+        await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
+        await send({"type": "http.response.body", "body": answer, "more_body": False})
+    finally:
+        # After the answer is on its way (the client does not wait for the bookkeeping), and before
+        # this task yields unless the socket's buffer is full (uvicorn's send waits only then), so a
+        # client's next request finds the tokens counted and the in-flight slot free.
+        if upstream.status < 400:
+            call.usage.feed_body(payload)
+        await settle(gateway, call)
 
 
 async def _relay_stream(
