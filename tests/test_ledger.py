@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, func, insert, select
+from sqlalchemy import create_engine, event, func, insert, select
 from sqlalchemy.engine import Engine
 
 from serve.gateway import store
@@ -31,6 +31,7 @@ from serve.gateway.access import new_request_id
 from serve.gateway.ledger import LedgerWriter
 from serve.gateway.store import LedgerRow, open_engine
 from tests.polling import wait_for
+from tests.postgres import new_database
 from tests.test_gateway_policy import (
     CHAT_STREAM,
     CHAT_USAGE,
@@ -499,6 +500,83 @@ def test_the_writers_own_conversions_store_what_sqlalchemys_insert_stores(tmp_pa
     )
     assert stored["writer-2"] == stored["orm-2"]
     assert stored["writer-2"][0] == "2026-03-04 05:06:07.000891"
+
+
+def _write_in_statements(engine: Engine, tmp_path: Path, count: int) -> list[tuple[bool, int]]:
+    """Record and flush ``count`` rows; each INSERT the writer ran as (executemany?, parameters)."""
+    inserts: list[tuple[bool, int]] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def seen(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        if statement.startswith("INSERT INTO usage_ledger"):
+            inserts.append((many, len(parameters)))
+
+    writer = LedgerWriter(engine, tmp_path)
+    created = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+    for index in range(count):
+        writer.record(
+            {
+                "request_id": f"rid-{index:05d}",
+                "created_at": created,
+                "key_name": "alice" if index % 2 else None,
+                "model": "m",
+                "route": "/v1/chat/completions",
+                "status": 200,
+                "outcome": "ok",
+                "stream": bool(index % 3),
+                "prompt_tokens": index,
+                "completion_tokens": 2 * index,
+                "latency_ms": index / 4,
+            }
+        )
+    assert asyncio.run(writer._flush())
+    event.remove(engine, "before_cursor_execute", seen)
+    with engine.connect() as connection:
+        stored = connection.execute(
+            select(
+                LedgerRow.request_id,
+                LedgerRow.key_name,
+                LedgerRow.stream,
+                LedgerRow.prompt_tokens,
+                LedgerRow.completion_tokens,
+                LedgerRow.latency_ms,
+            ).order_by(LedgerRow.id)
+        ).all()
+    assert [tuple(row) for row in stored] == [
+        (f"rid-{i:05d}", "alice" if i % 2 else None, bool(i % 3), i, 2 * i, i / 4) for i in range(count)
+    ]
+    return inserts
+
+
+def test_a_batch_is_inserted_in_multi_row_statements_within_sqlites_parameter_limit(tmp_path):
+    """One statement per row let the DBAPI hand the GIL back and forth with the event loop once per row
+    (sqlite3 releases it around every statement it steps): a batch goes in statements of many rows, as
+    many as SQLite's limit on bound parameters allows (lowered here to 100 rows' worth), in order, in
+    sizes that are powers of two."""
+    engine = open_engine(f"sqlite:///{tmp_path / 'ledger.sqlite'}", create=True)
+    width = len(LedgerRow.__table__.columns) - 1  # every column but the id
+
+    @event.listens_for(engine, "connect")
+    def lower_limit(dbapi_connection: sqlite3.Connection, record: Any) -> None:
+        dbapi_connection.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 100 * width + 5)
+
+    engine.dispose()  # connections opened before the listener would keep the default limit
+    inserts = _write_in_statements(engine, tmp_path, 1234)
+    engine.dispose()
+    # 19 statements of 64 rows (the largest power of two within 100 rows), then 16 and 2.
+    assert inserts == [(False, 64 * width)] * 19 + [(False, 16 * width), (False, 2 * width)]
+
+
+def test_a_batch_is_inserted_in_multi_row_statements_on_postgres(tmp_path, postgres_url):
+    with new_database(postgres_url, "ledger") as url:
+        engine = open_engine(url, create=True)
+        try:
+            inserts = _write_in_statements(engine, tmp_path, 1234)
+        finally:
+            engine.dispose()
+    width = len(LedgerRow.__table__.columns) - 1
+    # 4 x 256 + 128 + 64 + 16 + 2 (sizes are powers of two: a connection caches few statements)
+    assert inserts == [(False, n * width) for n in (256, 256, 256, 256, 128, 64, 16, 2)]
 
 
 def test_new_request_ids_are_uuid7_and_sort_by_time_so_the_ledger_index_appends():
