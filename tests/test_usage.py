@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from serve.gateway.usage import UsageChunkFilter, UsageCounter
 
 
@@ -123,7 +125,10 @@ def test_body_usage_read_from_the_tail_matches_a_whole_parse():
             assert fast.prompt not in (0, 999), body
 
 
-def test_a_whole_stream_in_one_piece_gives_its_usage_last_reason_and_loses_only_the_usage_only_chunk():
+@pytest.mark.parametrize("still_running", [1, 12])  # 12: past the reasons examined from the end alone
+def test_a_whole_stream_in_one_piece_gives_its_usage_last_reason_and_loses_only_the_usage_only_chunk(
+    still_running: int,
+) -> None:
     def event(obj: dict) -> bytes:
         return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
@@ -132,7 +137,8 @@ def test_a_whole_stream_in_one_piece_gives_its_usage_last_reason_and_loses_only_
     stream = (
         b"".join(event({"choices": [choice]}) for _ in range(30))
         + event({"choices": [{**choice, "finish_reason": "length"}]})
-        + event({"choices": [{**choice, "index": 1}]})  # n=2: a later choice still running (null)
+        # n=2: a later choice still running (null reasons)
+        + b"".join(event({"choices": [{**choice, "index": 1}]}) for _ in range(still_running))
         + usage_only
         + b"data: [DONE]\n\n"
     )
@@ -142,3 +148,76 @@ def test_a_whole_stream_in_one_piece_gives_its_usage_last_reason_and_loses_only_
     kept = UsageChunkFilter().feed(stream)
     assert b'"usage"' not in kept and kept.endswith(b"data: [DONE]\n\n")
     assert kept == stream.replace(usage_only, b"")
+
+
+def test_running_usage_in_one_piece_keeps_the_final_totals() -> None:
+    # vLLM's continuous_usage_stats: every chunk carries the running usage, the usage-only chunk the total.
+    stream = (
+        _sse(
+            [
+                {
+                    "choices": [{"delta": {"content": "a"}}],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 1},
+                },
+                {
+                    "choices": [{"delta": {}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 2},
+                },
+                {
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": 5,
+                        "completion_tokens": 2,
+                        "prompt_tokens_details": {"cached_tokens": 4},
+                        "completion_tokens_details": {"reasoning_tokens": 1},
+                    },
+                },
+            ]
+        )
+        + b"data: [DONE]\n\n"
+    )
+    counter = UsageCounter()
+    counter.feed_sse(stream)
+    assert (counter.prompt, counter.completion, counter.cached, counter.reasoning) == (5, 2, 4, 1)
+    assert counter.finish_reason == "stop"
+    kept = UsageChunkFilter().feed(stream)
+    assert kept.count(b'"usage"') == 2 and b'"choices": []' not in kept
+
+
+def test_anthropic_and_responses_streams_in_one_piece() -> None:
+    anthropic = _sse(
+        [
+            {
+                "type": "message_start",
+                "message": {"usage": {"input_tokens": 9, "output_tokens": 1, "cache_read_input_tokens": 6}},
+            },
+            {"type": "content_block_delta", "delta": {"text": "x"}},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 5}},
+            {"type": "message_stop"},
+        ],
+        named=True,
+    )
+    counter = UsageCounter()
+    counter.feed_sse(anthropic)
+    # message_delta's usage is not final: the input and cache tokens come from message_start before it
+    assert (counter.prompt, counter.completion, counter.cached, counter.finish_reason) == (
+        9,
+        5,
+        6,
+        "end_turn",
+    )
+
+    responses = _sse(
+        [
+            {"type": "response.created", "response": {"status": "in_progress", "usage": None}},
+            {"type": "response.output_text.delta", "delta": "x"},
+            {
+                "type": "response.completed",
+                "response": {"status": "completed", "usage": {"input_tokens": 3, "output_tokens": 8}},
+            },
+        ],
+        named=True,
+    )
+    counter = UsageCounter()
+    counter.feed_sse(responses)
+    assert (counter.prompt, counter.completion, counter.finish_reason) == (3, 8, "completed")

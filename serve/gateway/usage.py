@@ -23,6 +23,14 @@ _FINISH = re.compile(rb'"(?:finish_reason|stop_reason)":\s*"([A-Za-z_]{1,32})"')
 # A reason that is set (a string, not null): every OpenAI chunk carries "finish_reason":null, so a plain
 # substring test would send each one to the backward scan of ``_last_finish``.
 _REASON_SET = re.compile(rb'_reason":\s*"')
+_SMALL_PIECE = 2048
+"""SSE pieces up to this many bytes (one event or a few) are searched forward for a set finish reason
+in one regex pass; longer ones (many events that arrived together) are searched from their end."""
+_NEAR_END = 8
+"""Reasons (``null`` ones included) looked at from the end of an SSE piece before searching all of it:
+an answer's set reason is in its last few events (after it: at most other choices' last chunks, the
+usage chunk and ``[DONE]``)."""
+_RESPONSES_FINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _THINKING = b'"thinking_delta"'
 _USAGE_ONLY = re.compile(rb'"choices":\s*\[\s*\]')
 _COLON = re.compile(rb"\s*:\s*")
@@ -33,6 +41,20 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _value_after(data: bytes, pos: int, stop: int = -1) -> Any:
+    """The JSON value of the key whose quoted name (``"usage"``) starts at ``pos``, decoded alone from
+    ``data[:stop]`` (to the end when ``stop`` < 0).
+
+    Raises:
+        ValueError: no colon after the key, or no JSON value after it.
+    """
+    colon = _COLON.match(data, pos + len(_MARKER))
+    if colon is None:
+        raise ValueError("no value after the key")
+    value, _ = _DECODER.raw_decode(data[colon.end() : None if stop < 0 else stop].decode())
+    return value
+
+
 def _event_bounds(events: bytes, pos: int) -> tuple[int, int]:
     """``(start, stop)`` of the SSE event around offset ``pos``: from after the ``\\n\\n`` before it to
     the ``\\n\\n`` after it (or the end)."""
@@ -41,15 +63,23 @@ def _event_bounds(events: bytes, pos: int) -> tuple[int, int]:
     return (0 if before < 0 else before + 2), (len(events) if after < 0 else after)
 
 
-def _last_finish(events: bytes) -> str | None:
+def _last_finish(events: bytes, tries: int = -1) -> tuple[str | None, bool]:
     """The last non-null finish (or stop) reason in ``events``, scanning back from the end (a whole
-    answer's reason is in its last events; ``null`` ones are skipped)."""
+    answer's reason is in its last events; ``null`` ones are skipped), and whether that is decided.
+
+    With ``tries`` >= 0, gives up undecided (``(None, False)``) after that many ``null`` reasons: every
+    OpenAI chunk carries ``"finish_reason":null``, so a piece of many chunks without a set reason would
+    cost a step per chunk, where one regex search over the piece costs less.
+    """
     pos = len(events)
     while (pos := events.rfind(b'_reason"', 0, pos)) >= 0:
         found = _FINISH.match(events, events.rfind(b'"', 0, pos))
         if found:
-            return found.group(1).decode()
-    return None
+            return found.group(1).decode(), True
+        tries -= 1
+        if tries == 0:
+            return None, False
+    return None, True
 
 
 class UsageCounter:
@@ -109,22 +139,34 @@ class UsageCounter:
             self.reasoning = max(self.reasoning, reasoning)
             self.reasoning_reported = True
 
-    def feed_json(self, obj: Any) -> None:
+    def feed_json(self, obj: Any) -> bool:
         """Take usage (and the finish reason) from one decoded JSON object: a whole response or one
-        stream event."""
+        stream event.
+
+        Returns:
+            Whether the object holds the answer's final usage: an OpenAI usage with both prompt and
+            completion tokens (vLLM reports running totals, so an earlier one adds nothing), or a
+            Responses API ``response.completed`` / ``incomplete`` / ``failed`` event. Anthropic's usage
+            is never final on its own: ``message_start`` holds the input and cache tokens,
+            ``message_delta`` the output.
+        """
         if not isinstance(obj, dict):
-            return
+            return False
+        final = False
         usage = obj.get("usage")
         inner = obj.get("response") or obj.get("message")
         if not isinstance(usage, dict) and isinstance(inner, dict):
             usage = inner.get("usage")
         if isinstance(usage, dict):
             self._take(usage)
+            final = "prompt_tokens" in usage and "completion_tokens" in usage
         response = obj.get("response") if obj.get("object") != "response" else obj
         if isinstance(response, dict) and isinstance(response.get("status"), str):
             self.finish_reason = response["status"]
+            final = final or obj.get("type") in _RESPONSES_FINAL
         if self.collect_thinking:
             self._collect(obj)
+        return final
 
     def _collect(self, obj: dict[str, Any]) -> None:
         delta = obj.get("delta")
@@ -162,12 +204,8 @@ class UsageCounter:
         found = _FINISH.search(body)
         if found is None:
             return False
-        at = body.rfind(_MARKER)
-        colon = _COLON.match(body, at + len(_MARKER))
-        if colon is None:
-            return False
         try:
-            usage, _ = _DECODER.raw_decode(body[colon.end() :].decode())
+            usage = _value_after(body, body.rfind(_MARKER))
         except ValueError:
             return False
         if isinstance(usage, dict):
@@ -188,30 +226,54 @@ class UsageCounter:
             return
         self._tail = data[end + 2 :]
         events = data[:end]
-        if _REASON_SET.search(events):
-            found = _last_finish(events)
-            if found is not None:
-                self.finish_reason = found
+        # One token's event, the usual piece: one forward search says whether any reason is set.
+        reason, decided = (None, False) if len(events) <= _SMALL_PIECE else _last_finish(events, _NEAR_END)
+        if not decided and _REASON_SET.search(events):
+            reason, _ = _last_finish(events)
+        if reason is not None:
+            self.finish_reason = reason
         if self.collect_thinking and _THINKING in events:
             for event in events.split(b"\n\n"):
                 if _MARKER in event or _THINKING in event:
                     self._feed_event(event)
             return
-        # Only the events that mention usage are cut out and decoded: a whole answer often arrives as
-        # one piece of 30+ events, and splitting it all costs more than finding the one or two that count.
-        pos = events.find(_MARKER)
+        # Only the events that mention usage are cut out and decoded, the last one first: a whole answer
+        # often arrives as one piece of 30+ events, and its final usage is in its last events.
+        pos = events.rfind(_MARKER)
+        if pos < 0 or self._feed_final_usage(events, pos):
+            return
+        start, stop = _event_bounds(events, pos)
+        if self._feed_event(events[start:stop]):
+            return
+        pos = events.find(_MARKER)  # all of them in order: counts keep the largest, a status the last
         while pos >= 0:
             start, stop = _event_bounds(events, pos)
             self._feed_event(events[start:stop])
             pos = events.find(_MARKER, stop)
 
-    def _feed_event(self, event: bytes) -> None:
+    def _feed_final_usage(self, events: bytes, pos: int) -> bool:
+        """Take the usage object whose ``"usage"`` key is at ``pos`` when it is an OpenAI final usage
+        (prompt and completion tokens, see ``feed_json``), decoding that object alone instead of its
+        event; False (nothing taken) for anything else."""
+        try:
+            usage = _value_after(events, pos, events.find(b"\n", pos))
+        except ValueError:
+            return False
+        if not isinstance(usage, dict) or "prompt_tokens" not in usage or "completion_tokens" not in usage:
+            return False
+        self._take(usage)
+        return True
+
+    def _feed_event(self, event: bytes) -> bool:
+        """Feed an event's ``data:`` lines; whether one held the final usage (``feed_json``)."""
+        final = False
         for line in event.split(b"\n"):
             if line.startswith(b"data:"):
                 try:
-                    self.feed_json(json.loads(line[5:]))
+                    final = self.feed_json(json.loads(line[5:])) or final
                 except ValueError:
                     continue
+        return final
 
 
 class UsageChunkFilter:
@@ -237,19 +299,15 @@ class UsageChunkFilter:
             return b""
         self._tail = data[end + 2 :]
         head = data[: end + 2]
-        pos = head.find(_MARKER)
-        if pos < 0:
-            return head
-        kept: list[bytes] = []
-        done = 0  # head[:done] is decided
+        # From the end: the usage-only chunk is the last data event of a stream (vLLM sends it once every
+        # choice has finished), so the first one found ends the search.
+        pos = head.rfind(_MARKER)
         while pos >= 0:
             start, stop = _event_bounds(head, pos)
             if _USAGE_ONLY.search(head, start, stop):
-                kept.append(head[done:start])
-                done = stop + 2
-            pos = head.find(_MARKER, stop)
-        kept.append(head[done:])
-        return b"".join(kept)
+                return head[:start] + head[stop + 2 :]
+            pos = head.rfind(_MARKER, 0, start)
+        return head
 
     def flush(self) -> bytes:
         """Whatever is held back when the stream ends."""
