@@ -113,35 +113,85 @@ def vllm_requests(live: LiveStack) -> tuple[float, float, float]:
     return running, waiting, tokens
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """What :func:`wait_decoding` saw: the request's tokens at the look that found it decoding, and every
+    look as ``(seconds since the first look, seconds the scrape took, running, waiting, tokens)``."""
+
+    tokens: float
+    looks: list[tuple[float, float, float, float, float]]
+
+    def describe(self) -> str:
+        """The looks, for a failure message."""
+        return "; ".join(
+            f"+{t:.1f}s (took {took:.1f}s) r={r:.0f} w={w:.0f} tokens={n:.0f}"
+            for t, took, r, w, n in self.looks
+        )
+
+
 def wait_decoding(
     live: LiveStack,
     tokens_before: float,
     timeout_s: float = 60,
     meanwhile: Callable[[], object] | None = None,
-) -> float:
+) -> Decoding:
     """Wait until vLLM has generated tokens since ``tokens_before`` (its ``generation_tokens_total``, taken
     when it was idle): the test's one request decodes. ``meanwhile`` runs between looks (read a stream on).
 
     Returns:
-        The tokens generated since ``tokens_before`` at that look (the request's tokens so far).
+        The tokens generated since ``tokens_before`` at that look (the request's tokens so far) and every
+        look.
 
     Raises:
-        AssertionError: not within ``timeout_s`` seconds, with the last readings.
+        AssertionError: not within ``timeout_s`` seconds, with the readings.
     """
-    deadline = time.monotonic() + timeout_s
-    readings: list[tuple[float, float, float]] = []
+    start = time.monotonic()
+    looks: list[tuple[float, float, float, float, float]] = []
     while True:
+        before_look = time.monotonic()
         running, waiting, tokens = vllm_requests(live)
-        readings.append((running, waiting, tokens - tokens_before))
+        now = time.monotonic()
+        looks.append((before_look - start, now - before_look, running, waiting, tokens - tokens_before))
         if tokens > tokens_before:
-            return tokens - tokens_before
-        assert time.monotonic() < deadline, (
-            f"vLLM never decoded the request within {timeout_s} s; last (running, waiting, tokens generated) "
-            f"readings: {readings[-5:]}"
+            return Decoding(tokens - tokens_before, looks)
+        assert now - start < timeout_s, (
+            f"vLLM never decoded the request within {timeout_s} s; last looks: {looks[-5:]}"
         )
         if meanwhile is not None:
             meanwhile()
         time.sleep(0.1)
+
+
+def leave_mid_generation(
+    live: LiveStack, attempt: Callable[[float], Decoding], max_tokens: int, what: str, attempts: int = 3
+) -> tuple[float, Decoding]:
+    """Run ``attempt`` (send the one request of ``max_tokens`` with ``ignore_eos``, :func:`wait_decoding`,
+    then leave) once vLLM is idle, again while vLLM had already generated all ``max_tokens`` at the first
+    look that saw the request decode: then the client could not leave mid-generation and the run says
+    nothing about an abort. A CI runner saw 1,900 of 1,900 tokens at that look once; these failures show
+    the looks' timings.
+
+    Args:
+        attempt: called with vLLM's ``generation_tokens_total`` while idle; returns what it saw.
+        what: the request, for messages (``"a stream"``).
+
+    Returns:
+        ``(tokens_before, decoding)`` of the attempt whose client left before the end.
+
+    Raises:
+        AssertionError: every attempt saw the request only once it had ended.
+    """
+    seen: list[str] = []
+    for _ in range(attempts):
+        tokens_before = wait_idle(live, 60, "vLLM was still busy with an earlier request")
+        decoding = attempt(tokens_before)
+        if decoding.tokens < max_tokens:
+            return tokens_before, decoding
+        seen.append(decoding.describe())
+    raise AssertionError(
+        f"in {attempts} attempts the test first saw {what} decode only when vLLM had generated all "
+        f"{max_tokens} tokens, so the client never left mid-generation; looks per attempt: {seen}"
+    )
 
 
 def wait_idle(live: LiveStack, timeout_s: float, message: str) -> float:
@@ -165,7 +215,7 @@ def wait_idle(live: LiveStack, timeout_s: float, message: str) -> float:
 
 
 def assert_generation_stopped(
-    live: LiveStack, tokens_before: float, at_leave: float, max_tokens: int, what: str
+    live: LiveStack, tokens_before: float, at_leave: Decoding, max_tokens: int, what: str
 ) -> None:
     """After the client of the one running request (``ignore_eos``, ``max_tokens``) left: vLLM goes idle
     having generated fewer than ``max_tokens``. Without an abort it generates exactly ``max_tokens``,
@@ -174,7 +224,7 @@ def assert_generation_stopped(
 
     Args:
         tokens_before: vLLM's ``generation_tokens_total`` when it was idle before the request.
-        at_leave: the request's tokens when the client left (``wait_decoding``'s answer).
+        at_leave: what :func:`wait_decoding` saw before the client left (the request's tokens then).
         what: the request, for the message (``"a non-streamed answer"``).
 
     Raises:
@@ -183,8 +233,9 @@ def assert_generation_stopped(
     left = time.monotonic()
     generated = wait_idle(live, 90, f"vLLM kept generating {what} for a client that left") - tokens_before
     assert 0 < generated < max_tokens, (
-        f"vLLM generated {generated:.0f} of {max_tokens} tokens of {what} ({at_leave:.0f} when the client "
-        f"left, idle {time.monotonic() - left:.1f} s later)"
+        f"vLLM generated {generated:.0f} of {max_tokens} tokens of {what} ({at_leave.tokens:.0f} when the "
+        f"client left, idle {time.monotonic() - left:.1f} s later); looks before it left: "
+        f"{at_leave.describe()}"
     )
 
 

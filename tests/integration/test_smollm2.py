@@ -10,7 +10,13 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import assert_generation_stopped, listening_sockets, wait_decoding, wait_idle
+from tests.integration.conftest import (
+    Decoding,
+    assert_generation_stopped,
+    leave_mid_generation,
+    listening_sockets,
+    wait_decoding,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -69,15 +75,18 @@ def test_a_client_disconnect_cancels_the_request_in_vllm(smollm2):
         "ignore_eos": True,
         "temperature": 0,
     }
-    # Only this test's request runs in vLLM from here on, so its counters are this request's.
-    tokens_before = wait_idle(smollm2, 60, "vLLM was still busy with an earlier request")
-    with httpx.stream(
-        "POST", smollm2.gateway + "/v1/chat/completions", json=body, headers=smollm2.headers(), timeout=60
-    ) as reply:
-        assert reply.status_code == 200
-        chunks = reply.iter_raw()
-        next(chunks)
-        at_leave = wait_decoding(smollm2, tokens_before, meanwhile=lambda: next(chunks))
+
+    def attempt(tokens_before: float) -> Decoding:
+        with httpx.stream(
+            "POST", smollm2.gateway + "/v1/chat/completions", json=body, headers=smollm2.headers(), timeout=60
+        ) as reply:
+            assert reply.status_code == 200
+            chunks = reply.iter_raw()
+            next(chunks)
+            return wait_decoding(smollm2, tokens_before, meanwhile=lambda: next(chunks))
+
+    # Only this test's request runs in vLLM from then on, so its counters are this request's.
+    tokens_before, at_leave = leave_mid_generation(smollm2, attempt, max_tokens, "a stream")
     # The client has left: vLLM stops decoding before max_tokens.
     assert_generation_stopped(smollm2, tokens_before, at_leave, max_tokens, "a stream")
 

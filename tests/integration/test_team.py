@@ -15,13 +15,14 @@ import pytest
 
 from serve.gateway.keys import KeyPolicy
 from tests.integration.conftest import (
+    Decoding,
     LiveStack,
     assert_generation_stopped,
+    leave_mid_generation,
     ledger_row,
     new_key,
     vllm_gauge,
     wait_decoding,
-    wait_idle,
 )
 from tests.polling import wait_for
 
@@ -32,11 +33,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 def test_a_client_leaving_a_non_streamed_request_stops_the_generation_in_vllm(smollm2: LiveStack):
     max_tokens = 1900  # with ignore_eos: tens of seconds to decode on a CPU
-    # Only this test's request runs in vLLM from here on, so its counters are this request's.
-    generated_before = wait_idle(smollm2, 60, "vLLM was still busy with an earlier request")
-    request_id = f"leave-{uuid.uuid4().hex}"
     gateway = urllib.parse.urlsplit(smollm2.gateway)
-    conn = http.client.HTTPConnection(gateway.hostname, gateway.port, timeout=60)
     body = {
         "model": smollm2.model,
         "messages": QUESTION,
@@ -44,16 +41,21 @@ def test_a_client_leaving_a_non_streamed_request_stops_the_generation_in_vllm(sm
         "ignore_eos": True,
         "temperature": 0,
     }
-    conn.request(
-        "POST",
-        "/v1/chat/completions",
-        body=json.dumps(body),
-        headers={**smollm2.headers(), "content-type": "application/json", "x-request-id": request_id},
-    )
-    at_leave = wait_decoding(smollm2, generated_before)
-    conn.close()  # the client leaves before the (non-streamed) answer exists
+    request_ids: list[str] = []
+
+    def attempt(tokens_before: float) -> Decoding:
+        request_ids.append(f"leave-{uuid.uuid4().hex}")
+        conn = http.client.HTTPConnection(gateway.hostname, gateway.port, timeout=60)
+        headers = {**smollm2.headers(), "content-type": "application/json", "x-request-id": request_ids[-1]}
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers=headers)
+        seen = wait_decoding(smollm2, tokens_before)
+        conn.close()  # the client leaves before the (non-streamed) answer exists
+        return seen
+
+    # Only this test's request runs in vLLM from then on, so its counters are this request's.
+    generated_before, at_leave = leave_mid_generation(smollm2, attempt, max_tokens, "a non-streamed answer")
     assert_generation_stopped(smollm2, generated_before, at_leave, max_tokens, "a non-streamed answer")
-    row = ledger_row(smollm2.keys_db, request_id)
+    row = ledger_row(smollm2.keys_db, request_ids[-1])
     assert (row["outcome"], row["status"], row["stream"]) == ("client_disconnect", 499, 0)
 
 
