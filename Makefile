@@ -50,7 +50,7 @@ demo: models  ## serve SmolLM2 with vLLM behind the gateway and stream one answe
 test: models  ## the whole CPU test suite, real vLLM included (what CI runs)
 	@$(PY) -m pytest --durations=25 $(PYTEST_ARGS)
 
-test-unit: setup  ## tests that start no vLLM (seconds)
+test-unit: models  ## tests that start no vLLM (a few minutes; some read the embedded tiny models)
 	@$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
 lock: setup  ## re-resolve requirements/*.lock after a dependency change
