@@ -15,6 +15,8 @@ import openai
 import pytest
 from aiohttp import web
 
+from serve.gateway.errors import GatewayError
+from serve.gateway.proxy import read_body
 from serve.gateway.settings import GatewaySettings
 
 _HEAD = b'data: {"id":"c1","object":"chat.completion.chunk","model":"m","choices":'
@@ -209,6 +211,40 @@ def test_bodies_over_the_limit_get_413_json_declared_or_chunked(upstream, gatewa
     assert streamed.status_code == 413
     assert streamed.headers["content-type"] == "application/json"
     assert seen["paths"] == []
+
+
+def test_a_chunked_body_under_the_limit_reaches_the_upstream_whole(upstream, gateway_factory):
+    server, seen = upstream
+    gateway, key = gateway_factory(server.url, max_body_bytes=4096)
+    headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "y" * 1500}]}).encode()
+
+    def chunked():
+        for at in range(0, len(body), 500):
+            yield body[at : at + 500]
+
+    answer = httpx.post(gateway.url + "/v1/chat/completions", content=chunked(), headers=headers)
+    assert answer.status_code == 200, answer.text
+    assert seen["bodies"][-1] == body
+
+
+def test_a_body_in_several_asgi_messages_is_read_whole_and_its_limit_counts_them_all():
+    async def read(parts: list[bytes], limit: int) -> bytes:
+        messages = [
+            {"type": "http.request", "body": part, "more_body": at < len(parts) - 1}
+            for at, part in enumerate(parts)
+        ]
+
+        async def receive() -> dict:
+            return messages.pop(0)
+
+        return await read_body(receive, {"headers": []}, limit)
+
+    assert asyncio.run(read([b'{"a":', b' "bc', b'd"}'], 100)) == b'{"a": "bcd"}'
+    assert asyncio.run(read([b"whole"], 5)) == b"whole"
+    with pytest.raises(GatewayError) as error:
+        asyncio.run(read([b"12345", b"67890", b"1"], 10))
+    assert error.value.status == 413
 
 
 def test_upstream_down_is_503_with_retry_after(gateway_factory, down_upstream_url):

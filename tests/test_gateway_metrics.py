@@ -77,3 +77,18 @@ def test_a_flush_pushes_what_was_gathered_once():
     text = generate_latest(metrics.registry).decode()
     assert f'kit_gateway_request_duration_seconds_count{{route="/v1/messages"}} {float(len(VALUES))}' in text
     assert 'kit_gateway_requests_total{route="/v1/messages",status="200"} 13.0' in text
+
+
+def test_token_counters_add_up_per_key_model_and_type():
+    metrics = GatewayMetrics()
+    metrics.add_usage("alice", "m", 10, 5, 0)
+    metrics.add_usage("alice", "m", 1, 2, 3)
+    metrics.add_usage("bob", "m", 4, 0, 0)
+    metrics.flush()
+    metrics.add_usage("alice", "m", 100, 0, 0)  # after a flush: added to what was pushed
+    text = metrics.render()[0].decode()
+    assert 'kit_gateway_tokens_total{key="alice",model="m",type="prompt"} 111.0' in text
+    assert 'kit_gateway_tokens_total{key="alice",model="m",type="completion"} 7.0' in text
+    assert 'kit_gateway_tokens_total{key="alice",model="m",type="reasoning"} 3.0' in text
+    assert 'kit_gateway_tokens_total{key="bob",model="m",type="prompt"} 4.0' in text
+    assert 'key="bob",model="m",type="completion"' not in text  # no series for a count never seen

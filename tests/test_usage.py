@@ -221,3 +221,43 @@ def test_anthropic_and_responses_streams_in_one_piece() -> None:
     counter = UsageCounter()
     counter.feed_sse(responses)
     assert (counter.prompt, counter.completion, counter.finish_reason) == (3, 8, "completed")
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {
+            "prompt_tokens": True,
+            "completion_tokens": "30",
+            "completion_tokens_details": {"reasoning_tokens": 1.5},
+        },
+        {"input_tokens": None, "output_tokens": False, "cache_read_input_tokens": True},
+        {
+            "prompt_tokens": 2.0,
+            "prompt_tokens_details": {"cached_tokens": "8"},
+            "completion_tokens_details": [],
+        },
+    ],
+)
+def test_counts_that_are_not_ints_are_ignored(usage):
+    counter = UsageCounter()
+    counter.feed_json({"usage": usage})
+    assert (counter.prompt, counter.completion, counter.reasoning, counter.cached) == (0, 0, 0, 0)
+    assert not counter.reasoning_reported
+
+
+def test_openai_and_anthropic_names_each_give_every_count():
+    openai, anthropic = UsageCounter(), UsageCounter()
+    openai.feed_json(
+        {
+            "usage": {
+                "prompt_tokens": 12,
+                "completion_tokens": 30,
+                "prompt_tokens_details": {"cached_tokens": 8},
+                "completion_tokens_details": {"reasoning_tokens": 20},
+            }
+        }
+    )
+    anthropic.feed_json({"usage": {"input_tokens": 5, "output_tokens": 7, "cache_read_input_tokens": 2}})
+    assert (openai.prompt, openai.completion, openai.cached, openai.reasoning) == (12, 30, 8, 20)
+    assert (anthropic.prompt, anthropic.completion, anthropic.cached, anthropic.reasoning) == (5, 7, 2, 0)

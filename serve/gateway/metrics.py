@@ -21,6 +21,8 @@ from prometheus_client import (
 )
 
 # Seconds the gateway spends on a request, streaming included: from first byte in to last byte out.
+_TOKEN_TYPES = ("prompt", "completion", "reasoning")
+"""The ``type`` label of ``kit_gateway_tokens``, in ``add_usage``'s order."""
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -60,7 +62,7 @@ class GatewayMetrics:
         self.in_flight_now = 0
         self._requests: dict[tuple[str, str], int] = {}
         self._latencies: dict[str, list[float]] = {}
-        self._tokens: dict[tuple[str, str, str], int] = {}
+        self._tokens: dict[tuple[str, str], list[int]] = {}  # (key, model): [prompt, completion, reasoning]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("kit_gateway_requests", "Requests answered", ["route", "status"], registry=r)
@@ -98,11 +100,15 @@ class GatewayMetrics:
         else:
             latencies.append(seconds)
 
-    def add_tokens(self, key: str, model: str, kind: str, count: int) -> None:
-        """Count ``count`` tokens of ``kind`` (prompt, completion, reasoning) for a key and model."""
-        if count:
-            label = (key, model, kind)
-            self._tokens[label] = self._tokens.get(label, 0) + count
+    def add_usage(self, key: str, model: str, prompt: int, completion: int, reasoning: int) -> None:
+        """Count one request's tokens for a key and model (pushed at the next ``flush``)."""
+        counts = self._tokens.get((key, model))
+        if counts is None:
+            self._tokens[(key, model)] = [prompt, completion, reasoning]
+        else:
+            counts[0] += prompt
+            counts[1] += completion
+            counts[2] += reasoning
 
     def flush(self) -> None:
         """Push what was gathered since the last flush into the Prometheus metrics."""
@@ -113,8 +119,10 @@ class GatewayMetrics:
             self.requests.labels(route, status).inc(count)
         for route, values in latencies.items():
             observe_all(self.latency.labels(route), values)
-        for labels, count in tokens.items():
-            self.tokens.labels(*labels).inc(count)
+        for (key, model), counts in tokens.items():
+            for kind, count in zip(_TOKEN_TYPES, counts, strict=True):
+                if count:
+                    self.tokens.labels(key, model, kind).inc(count)
         self.in_flight.set(self.in_flight_now)
 
     def render(self) -> tuple[bytes, str]:

@@ -47,10 +47,12 @@ def _positive_int(obj: dict[str, Any], name: str) -> int | None:
     """The integer vLLM would read from ``obj[name]``: its pydantic models also take a whole float
     (``5000.0``) or a string of digits (``"5000"``); anything else is left to vLLM to refuse."""
     value = obj.get(name)
-    if isinstance(value, bool) or value is None:
+    if value is None or type(value) is int:  # the usual cases (type(): a bool is not a count)
+        return value
+    if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value
+        return int(value)
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, str) and value.strip().lstrip("+-").isdigit():

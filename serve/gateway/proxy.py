@@ -172,17 +172,28 @@ async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
             if value.isdigit() and int(value) > limit:
                 raise too_large(limit)
             break
-    body = b""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientGone
+    body = message.get("body", b"")
+    if len(body) > limit:
+        raise too_large(limit)
+    if not message.get("more_body", False):
+        return body  # the usual case: uvicorn hands over a small body in one message
+    parts = [body]
+    size = len(body)
     more = True
     while more:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
-        body += message.get("body", b"")
-        if len(body) > limit:
+        part = message.get("body", b"")
+        size += len(part)
+        if size > limit:
             raise too_large(limit)
+        parts.append(part)
         more = message.get("more_body", False)
-    return body
+    return b"".join(parts)
 
 
 def _request_object(body: bytes) -> dict[str, Any] | None:
@@ -611,11 +622,9 @@ def account(gateway: Gateway, call: Call) -> None:
     """Ledger row and per-key token counters for a finished call (no I/O: the ledger batches)."""
     usage = call.usage
     if call.principal is not None and (usage.prompt or usage.completion):
-        key, model = call.principal.name, call.model or "unknown"
-        metrics = gateway.metrics
-        metrics.add_tokens(key, model, "prompt", usage.prompt)
-        metrics.add_tokens(key, model, "completion", usage.completion)
-        metrics.add_tokens(key, model, "reasoning", usage.reasoning)
+        gateway.metrics.add_usage(
+            call.principal.name, call.model or "unknown", usage.prompt, usage.completion, usage.reasoning
+        )
     gateway.ledger.record_values(ledger_values(call))
 
 

@@ -212,12 +212,10 @@ class SharedCounters:
     def in_flight_of(self, slot: int) -> int:
         """Requests of key ``slot`` in flight on every worker (call under ``lock``)."""
         (workers,) = _PID.unpack_from(self._map, _HIGH_WATER_AT)
-        if workers == 1:
-            return _INFLIGHT.unpack_from(self._map, self._inflight_offset(0, slot))[0]  # type: ignore[no-any-return]
-        return sum(
-            _INFLIGHT.unpack_from(self._map, self._inflight_offset(worker, slot))[0]
-            for worker in range(workers)
-        )
+        running = 0
+        for worker in range(workers):  # a loop, not sum() over a generator: this runs per request
+            running += _INFLIGHT.unpack_from(self._map, self._inflight_offset(worker, slot))[0]
+        return running
 
     def add_in_flight_at(self, at: int, delta: int) -> None:
         """Change the in-flight count at offset ``at`` (this worker's; call under ``lock``)."""

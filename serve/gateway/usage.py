@@ -37,10 +37,6 @@ _COLON = re.compile(rb"\s*:\s*")
 _DECODER = json.JSONDecoder()
 
 
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 def _value_after(data: bytes, pos: int, stop: int = -1) -> Any:
     """The JSON value of the key whose quoted name (``"usage"``) starts at ``pos``, decoded alone from
     ``data[:stop]`` (to the end when ``stop`` < 0).
@@ -121,23 +117,30 @@ class UsageCounter:
         return self.prompt + self.completion
 
     def _take(self, usage: dict[str, Any]) -> None:
-        prompt = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
-        completion = _int(usage.get("completion_tokens", usage.get("output_tokens")))
-        if prompt is not None:
-            self.prompt = max(self.prompt, prompt)
-        if completion is not None:
-            self.completion = max(self.completion, completion)
-        cached = _int(usage.get("cache_read_input_tokens"))
-        details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details")
-        if isinstance(details, dict):
-            cached = _int(details.get("cached_tokens"))
-        if cached is not None:
-            self.cached = max(self.cached, cached)
-        out = usage.get("completion_tokens_details") or usage.get("output_tokens_details")
-        reasoning = _int(out.get("reasoning_tokens")) if isinstance(out, dict) else None
-        if reasoning is not None:
-            self.reasoning = max(self.reasoning, reasoning)
-            self.reasoning_reported = True
+        """Keep the largest counts seen in one usage object: OpenAI's names (``prompt_tokens``, ...) or
+        Anthropic's and the Responses API's (``input_tokens``, ...); counts that are not ints are ignored."""
+        if "prompt_tokens" in usage or "completion_tokens" in usage:  # OpenAI's, every vLLM answer's
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            details, out = usage.get("prompt_tokens_details"), usage.get("completion_tokens_details")
+            cached = None
+        else:
+            prompt, completion = usage.get("input_tokens"), usage.get("output_tokens")
+            details, out = usage.get("input_tokens_details"), usage.get("output_tokens_details")
+            cached = usage.get("cache_read_input_tokens")
+        # type() is int: a bool is not a count
+        if type(prompt) is int and prompt > self.prompt:
+            self.prompt = prompt
+        if type(completion) is int and completion > self.completion:
+            self.completion = completion
+        if details:
+            cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        if type(cached) is int and cached > self.cached:
+            self.cached = cached
+        if out and isinstance(out, dict):
+            reasoning = out.get("reasoning_tokens")
+            if type(reasoning) is int:
+                self.reasoning = max(self.reasoning, reasoning)
+                self.reasoning_reported = True
 
     def feed_json(self, obj: Any) -> bool:
         """Take usage (and the finish reason) from one decoded JSON object: a whole response or one
