@@ -20,9 +20,9 @@ from prometheus_client import (
     multiprocess,
 )
 
-# Seconds the gateway spends on a request, streaming included: from first byte in to last byte out.
 _TOKEN_TYPES = ("prompt", "completion", "reasoning")
 """The ``type`` label of ``kit_gateway_tokens``, in ``add_usage``'s order."""
+# Seconds the gateway spends on a request, streaming included: from first byte in to last byte out.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
