@@ -231,15 +231,22 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def _run_uvicorn(settings: GatewaySettings, tls: dict[str, Any]) -> None:
-    """uvicorn with the gateway's factory and settings, until it stops (SIGTERM / SIGINT)."""
+    """uvicorn with the gateway's factory and settings, until it stops (SIGTERM / SIGINT). Several
+    workers run under ``serve.gateway.workers`` (a ``SO_REUSEPORT`` socket each) when ``reuse_port`` is
+    on and the platform has it, else under uvicorn's own supervisor (one socket shared by all).
+
+    Raises:
+        StartupError: the address cannot be bound, or a worker exited while starting.
+    """
     import uvicorn
 
-    uvicorn.run(
-        "serve.gateway.app:create_app_from_env",
+    from serve.gateway.workers import WorkersFailed, reuse_port_supported, run_workers
+
+    config: dict[str, Any] = dict(
+        app="serve.gateway.app:create_app_from_env",
         factory=True,
         host=settings.host,
         port=settings.port,
-        workers=settings.workers,
         loop="uvloop",
         http="httptools",
         access_log=False,  # the gateway writes its own access log, without prompts or keys
@@ -250,6 +257,18 @@ def _run_uvicorn(settings: GatewaySettings, tls: dict[str, Any]) -> None:
         forwarded_allow_ips=",".join(settings.trusted_proxies),
         **tls,
     )
+    if settings.workers > 1 and settings.reuse_port and reuse_port_supported():
+        try:
+            run_workers(config, settings.workers, stop_timeout_s=settings.shutdown_timeout_s + 10)
+        except OSError as exc:
+            raise StartupError(
+                f"the gateway cannot listen on {settings.host}:{settings.port}: {exc}; stop what holds "
+                "that port or set port (KIT_GATEWAY_PORT) to a free one"
+            ) from None
+        except WorkersFailed as exc:
+            raise StartupError(f"{exc}; its log lines above say why") from None
+        return
+    uvicorn.run(config.pop("app"), workers=settings.workers, **config)
 
 
 def _public_url(host: str, port: int) -> str:

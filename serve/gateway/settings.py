@@ -46,6 +46,10 @@ class GatewaySettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
     workers: int = Field(default=1, ge=1)
+    reuse_port: bool = True
+    """With several workers, each listens on its own ``SO_REUSEPORT`` socket, so Linux spreads new
+    connections evenly over them (serve/gateway/workers.py); false: uvicorn's one shared socket, where
+    the first worker awake takes every waiting connection. Ignored where the platform lacks it."""
     upstream_url: AnyHttpUrl = AnyHttpUrl("http://127.0.0.1:8000")
     """The vLLM server (bound to loopback by every serve profile)."""
     upstream_uds: Path | None = None
