@@ -212,6 +212,10 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             hint="create a key first (make key NAME=...), point keys_db / KIT_GATEWAY_KEYS_DB at the right "
             "file, or set create_keys_db: true to start with an empty one",
         )
+    if settings.database_url is None:
+        # Created (where allowed), put in WAL mode and given its tables once, here, before the workers
+        # open the file together.
+        KeyStore(settings.database, create=settings.create_keys_db).engine.dispose()
     tls: dict[str, Any] = {}
     if settings.ssl_certfile is not None:
         tls = {"ssl_certfile": str(settings.ssl_certfile), "ssl_keyfile": str(settings.ssl_keyfile)}

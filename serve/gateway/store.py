@@ -12,6 +12,8 @@ Savepoints / Transactional DDL" notes for pysqlite.
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -141,6 +143,32 @@ def _sqlite_path(url: str) -> Path | None:
     return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
 
 
+def _ensure_wal(cursor: Any) -> None:
+    """Put the SQLite file in WAL mode (a setting stored in the file), unless it is already.
+
+    Switching takes an exclusive lock, and SQLite answers "database is locked" at once, without waiting
+    for the busy timeout, to one of two connections that both hold a shared lock and want it (its
+    deadlock rule: https://sqlite.org/c3ref/busy_handler.html). Two gateway workers opening a new file
+    together did exactly that; so the mode is read first (a file already in WAL needs nothing), and a
+    switch that meets the lock is retried for up to ``BUSY_TIMEOUT_S``.
+
+    Raises:
+        sqlite3.OperationalError: still locked after ``BUSY_TIMEOUT_S``, or another failure.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        mode = cursor.execute("PRAGMA journal_mode").fetchone()[0]
+        if str(mode).lower() == "wal":
+            return
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def open_engine(url: str, *, create: bool = True) -> Engine:
     """An engine on ``url`` with the tables created (and columns added by newer versions migrated).
 
@@ -167,7 +195,7 @@ def open_engine(url: str, *, create: bool = True) -> Engine:
         def _sqlite_connect(dbapi_connection: Any, record: Any) -> None:
             dbapi_connection.isolation_level = None  # we issue BEGIN ourselves, below
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _ensure_wal(cursor)
             cursor.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps it consistent
             cursor.close()
 
