@@ -172,18 +172,9 @@ async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
             if value.isdigit() and int(value) > limit:
                 raise too_large(limit)
             break
-    message = await receive()
-    if message["type"] == "http.disconnect":
-        raise ClientGone
-    body = message.get("body", b"")
-    if len(body) > limit:
-        raise too_large(limit)
-    if not message.get("more_body", False):
-        return body  # the usual case: uvicorn hands over a small body in one message
-    parts = [body]
-    size = len(body)
-    more = True
-    while more:
+    parts: list[bytes] = []
+    size = 0
+    while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
@@ -191,9 +182,11 @@ async def read_body(receive: Receive, scope: Scope, limit: int) -> bytes:
         size += len(part)
         if size > limit:
             raise too_large(limit)
+        if not parts and not message.get("more_body", False):
+            return part  # the usual case: uvicorn hands over a small body in one message, no copy
         parts.append(part)
-        more = message.get("more_body", False)
-    return b"".join(parts)
+        if not message.get("more_body", False):
+            return b"".join(parts)
 
 
 def _request_object(body: bytes) -> dict[str, Any] | None:

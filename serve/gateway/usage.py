@@ -51,6 +51,12 @@ def _value_after(data: bytes, pos: int, stop: int = -1) -> Any:
     return value
 
 
+def _is_final_usage(usage: dict[str, Any]) -> bool:
+    """Whether an OpenAI usage object is an answer's final one: it has both prompt and completion tokens
+    (vLLM reports running totals, so an earlier one adds nothing)."""
+    return "prompt_tokens" in usage and "completion_tokens" in usage
+
+
 def _event_bounds(events: bytes, pos: int) -> tuple[int, int]:
     """``(start, stop)`` of the SSE event around offset ``pos``: from after the ``\\n\\n`` before it to
     the ``\\n\\n`` after it (or the end)."""
@@ -132,11 +138,11 @@ class UsageCounter:
             self.prompt = prompt
         if type(completion) is int and completion > self.completion:
             self.completion = completion
-        if details:
-            cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        if isinstance(details, dict) and details:
+            cached = details.get("cached_tokens")
         if type(cached) is int and cached > self.cached:
             self.cached = cached
-        if out and isinstance(out, dict):
+        if isinstance(out, dict) and out:
             reasoning = out.get("reasoning_tokens")
             if type(reasoning) is int:
                 self.reasoning = max(self.reasoning, reasoning)
@@ -147,8 +153,7 @@ class UsageCounter:
         stream event.
 
         Returns:
-            Whether the object holds the answer's final usage: an OpenAI usage with both prompt and
-            completion tokens (vLLM reports running totals, so an earlier one adds nothing), or a
+            Whether the object holds the answer's final usage: an OpenAI one (``_is_final_usage``), or a
             Responses API ``response.completed`` / ``incomplete`` / ``failed`` event. Anthropic's usage
             is never final on its own: ``message_start`` holds the input and cache tokens,
             ``message_delta`` the output.
@@ -162,7 +167,7 @@ class UsageCounter:
             usage = inner.get("usage")
         if isinstance(usage, dict):
             self._take(usage)
-            final = "prompt_tokens" in usage and "completion_tokens" in usage
+            final = _is_final_usage(usage)
         response = obj.get("response") if obj.get("object") != "response" else obj
         if isinstance(response, dict) and isinstance(response.get("status"), str):
             self.finish_reason = response["status"]
@@ -262,7 +267,7 @@ class UsageCounter:
             usage = _value_after(events, pos, events.find(b"\n", pos))
         except ValueError:
             return False
-        if not isinstance(usage, dict) or "prompt_tokens" not in usage or "completion_tokens" not in usage:
+        if not isinstance(usage, dict) or not _is_final_usage(usage):
             return False
         self._take(usage)
         return True
