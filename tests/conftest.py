@@ -14,7 +14,7 @@ import uvicorn
 from aiohttp import web
 
 from serve.gateway.app import create_app
-from serve.gateway.keys import KeyStore
+from serve.gateway.keys import KeyPolicy, KeyStore
 from serve.gateway.settings import GatewaySettings
 from serve.supervisor import free_port
 from tests.postgres import throwaway_postgres
@@ -112,12 +112,15 @@ def serve_aiohttp() -> Iterator[Callable[[web.Application], ThreadedAiohttp]]:
 
 @pytest.fixture
 def gateway_factory(tmp_path: Path) -> Iterator[Callable[..., tuple[ThreadedGateway, str]]]:
-    """Start a gateway in front of ``upstream_url``; returns it and a valid key."""
+    """Start a gateway in front of ``upstream_url``; returns it and a valid key (key name ``tester``, with
+    ``policy``'s limits when given)."""
     started: list[ThreadedGateway] = []
 
-    def start(upstream_url: str, **overrides: object) -> tuple[ThreadedGateway, str]:
+    def start(
+        upstream_url: str, *, policy: KeyPolicy | None = None, **overrides: object
+    ) -> tuple[ThreadedGateway, str]:
         keys_db = tmp_path / f"keys-{len(started)}.sqlite"
-        key = KeyStore(keys_db).create("tester")
+        key = KeyStore(keys_db).create("tester", policy)
         settings = GatewaySettings(upstream_url=upstream_url, port=free_port(), keys_db=keys_db, **overrides)
         gateway = ThreadedGateway(settings).start()
         started.append(gateway)

@@ -16,6 +16,8 @@ import pytest
 from aiohttp import web
 
 from serve.gateway.errors import GatewayError
+from serve.gateway.keys import KeyPolicy
+from serve.gateway.limits import Limiter
 from serve.gateway.proxy import read_body
 from serve.gateway.settings import GatewaySettings
 
@@ -312,6 +314,34 @@ def test_streams_are_counted_without_showing_the_client_a_usage_chunk_it_did_not
     assert 'kit_gateway_tokens_total{key="tester",model="m",type="prompt"} 7.0' in metrics
     assert 'kit_gateway_tokens_total{key="tester",model="m",type="completion"} 2.0' in metrics
     assert 'kit_gateway_requests_total{route="/v1/chat/completions",status="200"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_database_limiter_frees_the_slot_before_the_client_has_the_answer(
+    upstream, gateway_factory, monkeypatch, stream
+):
+    # Limits in the database settle in a thread. Slowed down here, a settle still running when the client
+    # has its answer would refuse the client's next request: max_concurrent 1 would still count it.
+    slow = Limiter.settle
+
+    def slow_settle(self, *args, **kwargs):
+        time.sleep(0.3)
+        return slow(self, *args, **kwargs)
+
+    monkeypatch.setattr(Limiter, "settle", slow_settle)
+    server, _ = upstream
+    gateway, key = gateway_factory(server.url, policy=KeyPolicy(max_concurrent=1), limits_store="database")
+    for _ in range(3):
+        if stream:
+            assert _stream(gateway, key).endswith(b"data: [DONE]\n\n")
+        else:
+            reply = httpx.post(
+                gateway.url + "/v1/chat/completions",
+                headers={"authorization": f"Bearer {key}"},
+                json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                timeout=30,
+            )
+            assert reply.status_code == 200, reply.text
 
 
 def test_a_stream_that_breaks_upstream_ends_with_an_error_event_not_done(upstream, gateway_factory):

@@ -450,16 +450,23 @@ async def _relay_whole(gateway: Gateway, call: Call, upstream: aiohttp.ClientRes
     call.finished = True
     call.response_started = True
     call.sent_bytes = len(answer)
+    # A client's next request, on any worker, must find this one's tokens counted and its in-flight
+    # slot free. The in-memory limiter settles without yielding, so that can wait until the answer is
+    # on its way (uvicorn's send yields only when the socket's buffer is full). A database limiter
+    # settles in a thread: the answer waits for it, or a client's next request could race the commit.
+    settle_first = call.reservation is not None and not gateway.limiter.on_loop
+    if settle_first:
+        if upstream.status < 400:
+            call.usage.feed_body(payload)
+        await settle(gateway, call)
     try:
         await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         await send({"type": "http.response.body", "body": answer, "more_body": False})
     finally:
-        # After the answer is on its way (the client does not wait for the bookkeeping), and before
-        # this task yields unless the socket's buffer is full (uvicorn's send waits only then), so a
-        # client's next request finds the tokens counted and the in-flight slot free.
-        if upstream.status < 400:
-            call.usage.feed_body(payload)
-        await settle(gateway, call)
+        if not settle_first:
+            if upstream.status < 400:
+                call.usage.feed_body(payload)
+            await settle(gateway, call)
 
 
 async def _relay_stream(
