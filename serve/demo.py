@@ -59,7 +59,7 @@ def run_demo(root: Path, profile: str, question: str) -> int:
         log_dir = root / "state" / "logs" / "demo"
         print(
             f"starting vLLM with {resolved.model.served_model_name} ({profile}); "
-            f"this takes about a minute on 2 cores (50-75 s measured). Logs: {log_dir}",
+            f"this takes about a minute on 2 cores (35-94 s measured). Logs: {log_dir}",
             flush=True,
         )
         for note in render(resolved).notes:  # e.g. why this CPU serves float32
