@@ -24,6 +24,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `serve` when run as a script from anywhere (also on a bare GPU box)
+
+from serve.atomic import write_text_atomic  # noqa: E402  (standard library only)
 
 # Qwen3.6-27B text and vision sizes (docs/reference.md, from the checkpoint's config.json).
 QWEN36_TEXT = {
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     tag = f"{name}-seq{args.seq_len}{'-nofast' if args.no_fast_kernels else ''}"
-    (args.out / f"finetune-{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(args.out / f"finetune-{tag}.json", json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     print(
         f"| {result['model']} | {result['device']} | {result['dtype']} | {args.seq_len} | "

@@ -42,10 +42,14 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-import bench_gateway_upstream as upstream_mod
-from bench_gateway_loadgen import Target, run_load
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `serve` when run as a script from anywhere
+
+import bench_gateway_upstream as upstream_mod  # noqa: E402
+from bench_gateway_loadgen import Target, run_load  # noqa: E402
+
+from serve.atomic import unused_path, write_text_atomic  # noqa: E402
+
 README_START, README_END = "<!-- bench-gateway:start -->", "<!-- bench-gateway:end -->"
 STREAM_CHUNKS = 32  # events per stream before usage and [DONE], as a short chat answer
 NOISY_OTHER_CORES = 0.3  # a run during which other processes used more than this is run again
@@ -487,7 +491,7 @@ def update_readme(readme: Path, table: str) -> None:
     start, end = text.find(README_START), text.find(README_END)
     if start < 0 or end < start:
         raise RuntimeError(f"{readme} has no {README_START} ... {README_END} block to fill")
-    readme.write_text(text[: start + len(README_START)] + "\n" + table + "\n" + text[end:])
+    write_text_atomic(readme, text[: start + len(README_START)] + "\n" + table + "\n" + text[end:])
 
 
 def git(*args: str) -> str:
@@ -645,9 +649,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.alarm(0)
     result = build_result(args, warmup_s, started, code, machine, measured)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    out = args.out_dir / result["file"]
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out = unused_path(args.out_dir / result["file"])  # an earlier run of the same day stays
+    result["file"] = out.name
+    write_text_atomic(out, json.dumps(result, indent=1) + "\n")
     table = render_table(result)
     if not args.no_readme:
         update_readme(args.readme, table)

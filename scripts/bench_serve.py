@@ -68,7 +68,7 @@ from bench_serve_cost import (  # noqa: E402
     render_table,
 )
 
-from serve.atomic import write_text_atomic  # noqa: E402
+from serve.atomic import unused_path, write_text_atomic  # noqa: E402
 from serve.config import ResolvedProfile, load_profile  # noqa: E402
 from serve.configfile import ConfigError, parse_overrides  # noqa: E402
 from serve.gateway.keys import KeyStore  # noqa: E402
@@ -599,8 +599,9 @@ def main(argv: list[str] | None = None) -> int:
             {**asdict(run["figures"]), **{k: v for k, v in run.items() if k != "figures"}} for run in runs
         ],
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    render(args, result, args.out_dir / result["file"])
+    out = unused_path(args.out_dir / result["file"])  # an earlier run of the same day stays
+    result["file"], result["png"] = out.name, out.with_suffix(".png").name
+    render(args, result, out)
     for problem in problems:
         log(f"problem: {problem}")
     return 1 if problems else 0

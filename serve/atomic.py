@@ -15,6 +15,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def unused_path(path: Path) -> Path:
+    """``path`` when nothing is there, else the first of ``<stem>-2<suffix>``, ``<stem>-3<suffix>``, ...
+    that is free: a second benchmark run on the same day keeps the first one's file instead of replacing
+    it.
+
+    Args:
+        path: the preferred file name (e.g. ``bench/gateway-2026-12-04.json``).
+
+    Returns:
+        A path in the same folder that does not exist (yet: pair it with ``write_text_atomic``).
+    """
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+    return candidate
+
+
 def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically.
 

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -38,15 +39,22 @@ def _group_alive(pgid: int) -> bool:
 def test_a_tiny_run_writes_every_run_and_the_readme_table_and_stops_its_processes(tmp_path, bench):
     readme = tmp_path / "README.md"
     readme.write_text(f"# kit\n\n{bench.README_START}\nold table\n{bench.README_END}\n\nafter\n")
+    # An earlier run of the same day (UTC; tomorrow's too, should the day turn during the run) stays.
+    today = datetime.now(UTC)
+    earlier = {tmp_path / f"gateway-{(today + timedelta(days=d)).strftime('%Y-%m-%d')}.json" for d in (0, 1)}
+    for path in earlier:
+        path.write_text("an earlier run\n")
     args = ["--rounds", "1", "--duration", "0.5", "--out-dir", str(tmp_path), "--readme", str(readme)]
     done = subprocess.run(
         [sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-4000:]
 
-    [out] = tmp_path.glob("gateway-*.json")
+    [out] = set(tmp_path.glob("gateway-*.json")) - earlier
+    assert all(path.read_text() == "an earlier run\n" for path in earlier)
     result = json.loads(out.read_text())
-    assert result["file"] == out.name == f"gateway-{result['date']}.json"
+    assert result["file"] == out.name == f"gateway-{result['date']}-2.json"
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no temporary file left
     assert result["config"]["rounds"] == 1 and result["config"]["duration_s"] == 0.5
     assert {"nproc", "cpu_model", "other_cores_before", "other_cores_median"} <= result["machine"].keys()
     assert result["code"]["commit"]
