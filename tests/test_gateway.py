@@ -99,6 +99,10 @@ def fake_vllm() -> tuple[web.Application, dict[str, Any]]:
                 request.transport.abort()
                 return response
             await response.write(chunk)
+        if mode == "linger":
+            # vLLM writes "data: [DONE]" and the end of the chunked body separately: a client may have
+            # its whole answer, and send its next request, before the upstream response has ended.
+            await asyncio.sleep(0.3)
         await response.write_eof()
         return response
 
@@ -342,6 +346,107 @@ def test_a_database_limiter_frees_the_slot_before_the_client_has_the_answer(
                 timeout=30,
             )
             assert reply.status_code == 200, reply.text
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_the_key_has_its_slot_back_before_the_answer_leaves(upstream, gateway_factory, monkeypatch, stream):
+    # With several workers, "settled right after the send" is too late: the kernel may run the client and
+    # the client's next request on another worker before this worker settles. Seen from inside: when the
+    # answer's last part (or the stream's [DONE]) is handed to the server, the in-flight count is 0.
+    server, _ = upstream
+    gateway, key = gateway_factory(server.url, policy=KeyPolicy(max_concurrent=1), limits_store="memory")
+    app = gateway.server.config.app
+    counters = app.gateway.limiter.counters
+    serve = app.serve
+    in_flight_as_sent: list[int] = []
+
+    async def serve_watching(scope, receive, send):
+        async def send_watching(message):
+            body = message.get("body", b"")
+            last = b"data: [DONE]" in body if stream else bool(body) and not message.get("more_body")
+            if message["type"] == "http.response.body" and last:
+                in_flight_as_sent.append(counters.in_flight_of(counters.offsets("tester")[2]))
+            await send(message)
+
+        await serve(scope, receive, send_watching)
+
+    monkeypatch.setattr(app, "serve", serve_watching)
+    if stream:
+        assert _stream(gateway, key).endswith(b"data: [DONE]\n\n")
+    else:
+        reply = httpx.post(
+            gateway.url + "/v1/chat/completions",
+            headers={"authorization": f"Bearer {key}"},
+            json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=30,
+        )
+        assert reply.status_code == 200, reply.text
+    assert in_flight_as_sent == [0]
+
+
+def test_a_stream_settles_its_tokens_only_once_its_end_event_is_whole(serve_aiohttp, gateway_factory):
+    # The Responses API's end event carries the usage. Split across two reads, its first part already
+    # names the event: settling then would count the usage seen so far (none) instead of the real one.
+    completed = (
+        b'event: response.completed\ndata: {"type":"response.completed","response":{"status":"completed",'
+        b'"usage":{"input_tokens":11,"output_tokens":31,"total_tokens":42}}}\n\n'
+    )
+
+    async def responses(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'event: response.created\ndata: {"type":"response.created"}\n\n')
+        await response.write(completed[:60])
+        await asyncio.sleep(0.2)
+        await response.write(completed[60:])
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/responses", responses)
+    server = serve_aiohttp(app)
+    gateway, key = gateway_factory(server.url, policy=KeyPolicy(tpm=100_000), limits_store="memory")
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/responses",
+        headers={"authorization": f"Bearer {key}"},
+        json={"model": "m", "input": "hi", "stream": True, "max_output_tokens": 500},
+    ) as reply:
+        assert reply.status_code == 200
+        assert b"".join(reply.iter_raw()).endswith(completed)
+    counters = gateway.server.config.app.gateway.limiter.counters
+    minute_tokens = counters.read("tester")[2]
+    assert minute_tokens == 42
+
+
+def _stream_until_done(gateway, key: str) -> bytes:
+    """A streamed request read until its ``data: [DONE]`` event, then hung up, as clients do."""
+    received = b""
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/chat/completions",
+        headers={"authorization": f"Bearer {key}"},
+        json={"model": "m", "stream": True, "mode": "linger", "messages": [{"role": "user", "content": "x"}]},
+    ) as reply:
+        assert reply.status_code == 200, reply.read()
+        for part in reply.iter_raw():
+            received += part
+            if b"data: [DONE]" in received:
+                break
+    return received
+
+
+@pytest.mark.parametrize("limits_store", ["memory", "database"])
+def test_a_client_that_hangs_up_at_done_can_send_its_next_request_at_once(
+    upstream, gateway_factory, limits_store
+):
+    # max_concurrent 1: the slot must be free by the time the client reads [DONE], not when the upstream
+    # response ends (here 0.3 s later), or the client's next request is refused with a 429.
+    server, _ = upstream
+    gateway, key = gateway_factory(server.url, policy=KeyPolicy(max_concurrent=1), limits_store=limits_store)
+    for _ in range(3):
+        assert _stream_until_done(gateway, key).endswith(b"data: [DONE]\n\n")
 
 
 def test_a_stream_that_breaks_upstream_ends_with_an_error_event_not_done(upstream, gateway_factory):

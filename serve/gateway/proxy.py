@@ -450,12 +450,11 @@ async def _relay_whole(gateway: Gateway, call: Call, upstream: aiohttp.ClientRes
     call.finished = True
     call.response_started = True
     call.sent_bytes = len(answer)
-    # A client's next request, on any worker, must find this one's tokens counted and its in-flight
-    # slot free. The in-memory limiter settles without yielding, so that can wait until the answer is
-    # on its way (uvicorn's send yields only when the socket's buffer is full). A database limiter
-    # settles in a thread: the answer waits for it, or a client's next request could race the commit.
-    settle_first = call.reservation is not None and not gateway.limiter.on_loop
-    if settle_first:
+    counted = call.reservation is not None
+    if counted:
+        # The client's next request, on any worker, must find this one's tokens counted and its
+        # in-flight slot free: settled before the answer leaves, not after (another worker may run the
+        # client's next request before this one gets the CPU back).
         if upstream.status < 400:
             call.usage.feed_body(payload)
         await settle(gateway, call)
@@ -463,10 +462,8 @@ async def _relay_whole(gateway: Gateway, call: Call, upstream: aiohttp.ClientRes
         await send({"type": "http.response.start", "status": upstream.status, "headers": headers})
         await send({"type": "http.response.body", "body": answer, "more_body": False})
     finally:
-        if not settle_first:
-            if upstream.status < 400:
-                call.usage.feed_body(payload)
-            await settle(gateway, call)
+        if not counted and upstream.status < 400:
+            call.usage.feed_body(payload)  # the ledger's figures: after the send, off the latency
 
 
 async def _relay_stream(
@@ -494,6 +491,16 @@ async def _relay_stream(
                 call.sent_bytes += len(out)
                 if not call.finished and end in out:
                     call.finished = True  # the client has the whole answer: leaving now is not leaving early
+                # The client may send its next request as soon as it reads the end event, before the
+                # upstream's response ends: the limits settle before the piece leaves. The usage is
+                # complete once the end event is (it comes in or before that event).
+                if (
+                    call.finished
+                    and not call.settled
+                    and call.reservation is not None
+                    and usage.between_events
+                ):
+                    await settle(gateway, call)
                 await send({"type": "http.response.body", "body": out, "more_body": True})
         call.outcome = "ok"
         if strip is not None:

@@ -118,6 +118,12 @@ class UsageCounter:
         self._tail = b""
 
     @property
+    def between_events(self) -> bool:
+        """Every SSE byte fed so far belongs to a complete event (none is held back for the next piece):
+        once the stream's end event has arrived, its usage has been taken."""
+        return not self._tail
+
+    @property
     def total(self) -> int:
         """Prompt + completion tokens (reasoning is part of completion)."""
         return self.prompt + self.completion
