@@ -292,6 +292,20 @@ def _stream(gateway, key: str, **extra: Any) -> bytes:
         return b"".join(reply.iter_raw())
 
 
+def _ask(gateway, key: str, stream: bool) -> None:
+    """One chat request answered whole (200) or streamed to its ``[DONE]``."""
+    if stream:
+        assert _stream(gateway, key).endswith(b"data: [DONE]\n\n")
+        return
+    reply = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        headers={"authorization": f"Bearer {key}"},
+        json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        timeout=30,
+    )
+    assert reply.status_code == 200, reply.text
+
+
 def test_streams_asking_for_usage_are_forwarded_byte_for_byte_and_counted(upstream, gateway_factory):
     server, seen = upstream
     gateway, key = gateway_factory(server.url)
@@ -336,16 +350,7 @@ def test_a_database_limiter_frees_the_slot_before_the_client_has_the_answer(
     server, _ = upstream
     gateway, key = gateway_factory(server.url, policy=KeyPolicy(max_concurrent=1), limits_store="database")
     for _ in range(3):
-        if stream:
-            assert _stream(gateway, key).endswith(b"data: [DONE]\n\n")
-        else:
-            reply = httpx.post(
-                gateway.url + "/v1/chat/completions",
-                headers={"authorization": f"Bearer {key}"},
-                json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
-                timeout=30,
-            )
-            assert reply.status_code == 200, reply.text
+        _ask(gateway, key, stream)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
@@ -371,16 +376,7 @@ def test_the_key_has_its_slot_back_before_the_answer_leaves(upstream, gateway_fa
         await serve(scope, receive, send_watching)
 
     monkeypatch.setattr(app, "serve", serve_watching)
-    if stream:
-        assert _stream(gateway, key).endswith(b"data: [DONE]\n\n")
-    else:
-        reply = httpx.post(
-            gateway.url + "/v1/chat/completions",
-            headers={"authorization": f"Bearer {key}"},
-            json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
-            timeout=30,
-        )
-        assert reply.status_code == 200, reply.text
+    _ask(gateway, key, stream)
     assert in_flight_as_sent == [0]
 
 
