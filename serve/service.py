@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import secrets
 import signal
@@ -54,6 +55,8 @@ from serve.processes import (
     signal_process,
 )
 from serve.supervisor import stop_grace_s
+
+logger = logging.getLogger(__name__)
 
 READY_PREFIX = "ready: "
 """The supervisor (``kit up``) prints a line starting with this once vLLM and the gateway are ready."""
@@ -471,12 +474,21 @@ def stop(paths: ServicePaths, out: TextIO) -> int:
     Raises:
         ServiceError: processes survived SIGKILL (named; the record is kept), or the record is corrupt.
     """
+    called = time.monotonic()
     with exclusive(paths):
+        logger.debug("stop: holding %s after %.2f s", paths.lock, time.monotonic() - called)
         record = read_record(paths)
         if record is None:
             print(f"not running (no {paths.record})", file=out, flush=True)
             return 0
+        looked = time.monotonic()
         state = inspect(record)
+        logger.debug(
+            "stop: found the supervisor (%s) and %d processes of the service in %.2f s",
+            "running" if state.supervisor is not None else "gone",
+            len(state.processes),
+            time.monotonic() - looked,
+        )
         if state.supervisor is not None:
             print(
                 f"stopping (supervisor pid {state.supervisor.pid}): the gateway drains in-flight requests, "
