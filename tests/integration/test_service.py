@@ -241,6 +241,7 @@ def test_start_status_chat_drain_stop_leaves_nothing(tmp_path):
         stop_output = "\n".join(f"{at - first_chunk_at:+7.1f} s  {line}" for at, line in stop_lines)
         assert code == 0, stop_output
         assert "no process of the service is left" in stop_output
+        assert "stop: found the supervisor (running) and" in stop_output, "-v shows the stop's steps"
         assert drained == {"finish_reason": "length", "tokens": tokens}, (
             "the in-flight request was not drained"
         )
