@@ -72,23 +72,26 @@ def sigterm_time(gateway_log: Path) -> float:
     return min(stamps)
 
 
-WARM_CLI = (
-    "import sys\n"
+ARMED_CLI = (
+    "import sys, time\n"
     "from serve import cli\n"
     "print('imported', flush=True)\n"
-    "sys.stdin.readline()\n"
+    "delay_s = float(sys.stdin.readline())\n"
+    "time.sleep(delay_s)\n"
+    "print(f'runs at {time.time():.3f}', flush=True)\n"
     "sys.exit(cli.main(sys.argv[1:]))\n"
 )
 """``python -m serve.cli ARGV`` with its interpreter started and ``serve.cli`` imported ahead of time: it
-runs ``cli.main(ARGV)`` once a line arrives on its stdin."""
+reads a delay in seconds from its stdin, sleeps it, prints when it runs (``runs at <epoch seconds>``) and
+runs ``cli.main(ARGV)``."""
 
 
-class WarmCli:
-    """A ``kit`` command started ahead (``WARM_CLI``) and run later, its output timed line by line."""
+class ArmedCli:
+    """A ``kit`` command started ahead (``ARMED_CLI``), armed to run after a delay, its output collected."""
 
     def __init__(self, root: Path, env: dict[str, str], *argv: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-c", WARM_CLI, "--root", str(root), *argv],
+            [sys.executable, "-c", ARMED_CLI, "--root", str(root), *argv],
             env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -98,16 +101,22 @@ class WarmCli:
         assert self.process.stdin is not None and self.process.stdout is not None
         ready = self.process.stdout.readline()
         assert ready == "imported\n", ready + self.process.stdout.read()
+        self.armed_at: float | None = None
 
-    def run(self, timeout: float) -> tuple[int, list[tuple[float, str]]]:
-        """Run the command; its exit code and each line of its output (stdout and stderr) with when this
-        process read it (seconds since the epoch)."""
-        assert self.process.stdin is not None and self.process.stdout is not None
+    def arm(self, delay_s: float) -> None:
+        """Let the command run ``delay_s`` seconds from now, whatever this process does meanwhile."""
+        assert self.process.stdin is not None
+        self.armed_at = time.time()
+        self.process.stdin.write(f"{delay_s}\n")
+        self.process.stdin.close()
+
+    def output(self, timeout: float) -> tuple[int, list[tuple[float, str]]]:
+        """Wait for the command (killed after ``timeout`` seconds); its exit code and each line of its
+        output (stdout and stderr) with when this process read it (seconds since the epoch)."""
+        assert self.process.stdout is not None
         timer = threading.Timer(timeout, self.process.kill)
         timer.start()
         try:
-            self.process.stdin.write("\n")
-            self.process.stdin.close()
             lines = [(time.time(), line.rstrip("\n")) for line in self.process.stdout]
             return self.process.wait(), lines
         finally:
@@ -213,8 +222,20 @@ def test_start_status_chat_drain_stop_leaves_nothing(tmp_path):
         first_chunk = threading.Event()
         last_chunk_at = [0.0]
 
+        # `kit stop` (debug output on: each step's time), its interpreter started and its modules imported
+        # now, armed by the request itself once the gateway has answered its headers (the request is in
+        # flight there and in vLLM), to run 3 s later in its own process. CI twice saw the stop come late
+        # when this test started it at the request's first chunk (`python -m serve.cli stop` printed its
+        # first line 47 s, then 62 s later, right after the request ended; 2-3 s on this machine), the
+        # cause not shown: whether the new interpreter or this test process stalled, neither is now
+        # between the request and the SIGTERM. If a stop is late again, its lines show which step took
+        # the time.
+        stopper = ArmedCli(root, env, "-v", "stop")
+
         def long_request() -> None:
-            for chunk in counting(tokens, timeout=300):
+            stream = counting(tokens, timeout=300)
+            stopper.arm(3.0)
+            for chunk in stream:
                 first_chunk.set()
                 last_chunk_at[0] = time.time()
                 if chunk.choices and chunk.choices[0].finish_reason:
@@ -222,23 +243,17 @@ def test_start_status_chat_drain_stop_leaves_nothing(tmp_path):
                 if chunk.usage:
                     drained["tokens"] = chunk.usage.completion_tokens
 
-        # `kit stop` (debug output on: each step's time) with its interpreter started and its modules
-        # imported now, so that the window between the first chunk and the SIGTERM holds only what the
-        # stop itself does. CI twice saw the first line of a `python -m serve.cli stop` started at the
-        # first chunk arrive late (47 s, then 62 s: right after the request ended), its cause not shown;
-        # this machine: 2-3 s. Starting the interpreter is not what this test is about (the commands
-        # above start it); if a stop is late again, its timed debug lines show which step took the time.
-        stopper = WarmCli(root, env, "-v", "stop")
         worker = threading.Thread(target=long_request)
         worker.start()
         try:
             assert first_chunk.wait(60), f"the request never streamed: {drained}"
-            first_chunk_at = time.time()
-            code, stop_lines = stopper.run(record.stop_timeout_s + 60)
+            code, stop_lines = stopper.output(record.stop_timeout_s + 60)
         finally:
             stopper.close()
         worker.join(240)
-        stop_output = "\n".join(f"{at - first_chunk_at:+7.1f} s  {line}" for at, line in stop_lines)
+        armed_at = stopper.armed_at
+        assert armed_at is not None
+        stop_output = "\n".join(f"{at - armed_at:+7.1f} s  {line}" for at, line in stop_lines)
         assert code == 0, stop_output
         assert "no process of the service is left" in stop_output
         assert "stop: found the supervisor (running) and" in stop_output, "-v shows the stop's steps"
@@ -246,12 +261,18 @@ def test_start_status_chat_drain_stop_leaves_nothing(tmp_path):
             "the in-flight request was not drained"
         )
         signalled = sigterm_time(paths.log("gateway"))
-        assert last_chunk_at[0] > signalled, (
+        gateway_log = paths.log("gateway").read_text()
+        # In flight at the SIGTERM, as the gateway saw it: the request's access line (written once its
+        # answer ended) comes after the first shutdown line. And as this test saw it: its last chunk
+        # arrived after the SIGTERM.
+        shutdown_at = min(gateway_log.index(marker) for marker in SHUTDOWN_LINES if marker in gateway_log)
+        request_line = gateway_log.rindex('"path": "/v1/chat/completions"')
+        assert last_chunk_at[0] > signalled and request_line > shutdown_at, (
             f"the request ({tokens} tokens at {decode_rate:.1f} tok/s) ended "
             f"{signalled - last_chunk_at[0]:.1f} s before the gateway's SIGTERM, which came "
-            f"{signalled - first_chunk_at:.1f} s after its first chunk; `kit stop` printed (seconds after "
-            f"that chunk):\n{stop_output}\nservice.log:\n{paths.log('service').read_text()[-3000:]}"
-            f"\ngateway.log:\n{paths.log('gateway').read_text()[-3000:]}"
+            f"{signalled - armed_at:.1f} s after the stop was armed; the stop printed (seconds after it "
+            f"was armed):\n{stop_output}\nservice.log:\n{paths.log('service').read_text()[-3000:]}"
+            f"\ngateway.log:\n{gateway_log[-3000:]}"
         )
     finally:
         if paths.record.exists():  # a failure above: stop whatever runs
