@@ -280,16 +280,23 @@ def test_upstream_error_bodies_pass_through_unchanged(upstream, gateway_factory)
     assert reply.content == VLLM_404
 
 
-def _stream(gateway, key: str, **extra: Any) -> bytes:
+def _stream(gateway, key: str, until: bytes | None = None, **extra: Any) -> bytes:
+    """A streamed chat request's raw body (``extra``: more request fields), read to its end, or only until
+    ``until`` has arrived and then hung up, as clients do at ``data: [DONE]``."""
     with httpx.stream(
         "POST",
         gateway.url + "/v1/chat/completions",
         headers={"authorization": f"Bearer {key}"},
         json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}], **extra},
     ) as reply:
-        assert reply.status_code == 200
+        assert reply.status_code == 200, reply.read()
         assert reply.headers["content-type"].startswith("text/event-stream")
-        return b"".join(reply.iter_raw())
+        received = b""
+        for part in reply.iter_raw():
+            received += part
+            if until is not None and until in received:
+                break
+        return received
 
 
 def _ask(gateway, key: str, stream: bool) -> None:
@@ -416,23 +423,6 @@ def test_a_stream_settles_its_tokens_only_once_its_end_event_is_whole(serve_aioh
     assert minute_tokens == 42
 
 
-def _stream_until_done(gateway, key: str) -> bytes:
-    """A streamed request read until its ``data: [DONE]`` event, then hung up, as clients do."""
-    received = b""
-    with httpx.stream(
-        "POST",
-        gateway.url + "/v1/chat/completions",
-        headers={"authorization": f"Bearer {key}"},
-        json={"model": "m", "stream": True, "mode": "linger", "messages": [{"role": "user", "content": "x"}]},
-    ) as reply:
-        assert reply.status_code == 200, reply.read()
-        for part in reply.iter_raw():
-            received += part
-            if b"data: [DONE]" in received:
-                break
-    return received
-
-
 @pytest.mark.parametrize("limits_store", ["memory", "database"])
 def test_a_client_that_hangs_up_at_done_can_send_its_next_request_at_once(
     upstream, gateway_factory, limits_store
@@ -442,19 +432,14 @@ def test_a_client_that_hangs_up_at_done_can_send_its_next_request_at_once(
     server, _ = upstream
     gateway, key = gateway_factory(server.url, policy=KeyPolicy(max_concurrent=1), limits_store=limits_store)
     for _ in range(3):
-        assert _stream_until_done(gateway, key).endswith(b"data: [DONE]\n\n")
+        body = _stream(gateway, key, until=b"data: [DONE]", mode="linger")
+        assert body.endswith(b"data: [DONE]\n\n")
 
 
 def test_a_stream_that_breaks_upstream_ends_with_an_error_event_not_done(upstream, gateway_factory):
     server, _ = upstream
     gateway, key = gateway_factory(server.url)
-    with httpx.stream(
-        "POST",
-        gateway.url + "/v1/chat/completions",
-        headers={"authorization": f"Bearer {key}"},
-        json={"model": "m", "stream": True, "mode": "break", "messages": [{"role": "user", "content": "hi"}]},
-    ) as reply:
-        body = b"".join(reply.iter_raw())
+    body = _stream(gateway, key, mode="break")
     assert body.startswith(CHUNKS[0] + CHUNKS[1])
     assert b"[DONE]" not in body
     last = json.loads(body.strip().split(b"\n\n")[-1].removeprefix(b"data: "))
