@@ -431,19 +431,41 @@ if sys.argv[2] == "admit-and-die":
     result = limiter.admit("team", KeyPolicy(max_concurrent=1), "r1", 0)
     assert isinstance(result, Reservation), result
     os._exit(0)  # no settle, no close: as a worker killed mid-request
+if sys.argv[2] == "lock-and-die":
+    limiter.counters.lock()
+    os._exit(0)  # killed inside the critical section: the lock is never given back
+if sys.argv[2] == "admit":
+    result = limiter.admit("team", KeyPolicy(rpm=1000), "r2", 0)
+    assert isinstance(result, Reservation), result
 """
 
 
-def _worker_process(path: Path, action: str) -> None:
+def _worker_process(path: Path, action: str, timeout_s: float = 120) -> None:
     """Run a gateway worker's limiter in a separate process (its own pid) doing ``action``."""
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(_WORKER), str(path), action],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout_s,
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_a_worker_that_dies_holding_the_lock_does_not_stop_the_others(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "limits.counters"
+    _worker_process(path, "lock-and-die")
+    # A lock that died with its holder would stop every limited request of every worker (here: the next
+    # worker would time out). flock is let go when its process exits; a lock in shared memory (a
+    # semaphore, a plain mutex) would not be.
+    _worker_process(path, "admit", timeout_s=60)
+    here = LocalLimiter(SharedCounters(path))
+    try:
+        admitted(here.admit("team", KeyPolicy(rpm=1000), rid(), 0))
+        with here.counters.locked():
+            assert here.counters.read("team")[1] == 2  # both requests counted
+    finally:
+        here.counters.close()
 
 
 def test_an_in_flight_slot_of_a_dead_worker_is_cleared_when_its_replacement_attaches(tmp_path: Path) -> None:
