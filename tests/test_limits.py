@@ -9,6 +9,7 @@ Time is passed explicitly (``now=``), so no test depends on the clock or on wher
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
@@ -435,7 +436,7 @@ if sys.argv[2] == "lock-and-die":
     limiter.counters.lock()
     os._exit(0)  # killed inside the critical section: the lock is never given back
 if sys.argv[2] == "admit":
-    result = limiter.admit("team", KeyPolicy(rpm=1000), "r2", 0)
+    result = limiter.admit("team", KeyPolicy(rpm=5), "r2", 0)
     assert isinstance(result, Reservation), result
 """
 
@@ -461,7 +462,7 @@ def test_a_worker_that_dies_holding_the_lock_does_not_stop_the_others(tmp_path: 
     _worker_process(path, "admit", timeout_s=60)
     here = LocalLimiter(SharedCounters(path))
     try:
-        admitted(here.admit("team", KeyPolicy(rpm=1000), rid(), 0))
+        admitted(here.admit("team", KeyPolicy(rpm=5), rid(), 0))
         with here.counters.locked():
             assert here.counters.read("team")[1] == 2  # both requests counted
     finally:
@@ -481,6 +482,126 @@ def test_an_in_flight_slot_of_a_dead_worker_is_cleared_when_its_replacement_atta
         admitted(here.admit("team", policy, rid(), 0))
     finally:
         here.counters.close()
+
+
+# --- worker-local leases (LocalLimiter) -----------------------------------------------------------------
+
+BIG = KeyPolicy(rpm=100_000, tpm=10_000_000, max_concurrent=1000, budget_day=10**9, budget_month=10**10)
+
+
+def _memory_workers(tmp_path: Path, count: int) -> list[LocalLimiter]:
+    path = tmp_path / "run" / "limits.counters"
+    return [LocalLimiter(SharedCounters(path)) for _ in range(count)]
+
+
+def _close(workers: list[LocalLimiter]) -> None:
+    for worker in workers:
+        worker.counters.close()
+
+
+def test_a_key_far_from_its_limits_is_admitted_from_a_lease_counted_up_front(tmp_path: Path) -> None:
+    (one,) = workers = _memory_workers(tmp_path, 1)
+    try:
+        first = admitted(one.admit("team", BIG, rid(), 100, now=NOON))
+        assert first.lease is None  # decided on the shared counters, which then lent the worker a share
+        with one.counters.locked():
+            leased = one.counters.read("team")
+            running = one.counters.in_flight_of(one.counters.offsets("team")[2])
+        # The lease is counted as used: 64 requests, the tokens of 16 such requests, 64 slots.
+        assert leased[1:3] == (1 + limits.LEASE_REQUESTS, 100 + 100 * limits.LEASE_TOKEN_REQUESTS)
+        assert running == 1 + limits.LEASE_REQUESTS
+        for _ in range(10):
+            assert admitted(one.admit("team", BIG, rid(), 100, now=NOON + 1)).lease is not None
+        with one.counters.locked():
+            assert one.counters.read("team") == leased  # spent locally: the shared counters untouched
+    finally:
+        _close(workers)
+
+
+def test_settled_and_given_back_leases_leave_exactly_the_real_usage_counted(tmp_path: Path) -> None:
+    (one,) = workers = _memory_workers(tmp_path, 1)
+    try:
+        reservations = [admitted(one.admit("team", BIG, rid(), 100, now=NOON + i / 100)) for i in range(40)]
+        assert sum(r.lease is not None for r in reservations) >= 30
+        for reservation in reservations:
+            one.settle(reservation, 40, now=NOON + 1)  # each used 40 of the 100 it reserved
+        one.give_back_all()
+        with one.counters.locked():
+            window = one.counters.read("team")
+            running = one.counters.in_flight_of(one.counters.offsets("team")[2])
+        assert window[1:3] == (40, 40 * 40)
+        assert (window[4], window[6]) == (40 * 40, 40 * 40)
+        assert running == 0
+    finally:
+        _close(workers)
+
+
+def test_an_idle_lease_goes_back_on_the_next_tick(tmp_path: Path) -> None:
+    (one,) = workers = _memory_workers(tmp_path, 1)
+    try:
+        one.settle(admitted(one.admit("team", BIG, rid(), 100, now=NOON)), 100, now=NOON)
+        one.tick(now=NOON + limits.LEASE_IDLE_S / 2)
+        with one.counters.locked():
+            assert one.counters.read("team")[1] > 1  # still lent
+        one.tick(now=NOON + limits.LEASE_IDLE_S + 0.01)
+        with one.counters.locked():
+            assert one.counters.read("team")[1:3] == (1, 100)
+    finally:
+        _close(workers)
+
+
+def test_a_lease_of_another_worker_is_recalled_so_a_limit_of_k_still_admits_exactly_k(tmp_path: Path) -> None:
+    # One worker takes a lease and then gets no more requests; the other admits until the key is spent.
+    # Near the limit, a request that only the idle worker's lease refuses asks for it back and is decided
+    # again once it is returned: all k are admitted, never more.
+    policy = KeyPolicy(rpm=1000)
+    idle, busy = workers = _memory_workers(tmp_path, 2)
+    try:
+        admitted(idle.admit("team", policy, rid(), 0, now=NOON))
+        assert idle._leases  # it holds a lease
+        count, recalls = 1, 0
+        while True:
+            result = busy.admit("team", policy, rid(), 0, now=NOON)
+            if isinstance(result, Denial) and result.recalled:
+                recalls += 1
+                idle.tick(now=NOON)  # what the idle worker's app does every RECALL_POLL_S
+                result = busy.admit("team", policy, rid(), 0, now=NOON)
+            if isinstance(result, Denial):
+                assert not result.recalled
+                break
+            count += 1
+        assert count == 1000
+        assert recalls == 1
+        assert not idle._leases
+    finally:
+        _close(workers)
+
+
+def test_admit_async_waits_for_a_recalled_lease_and_admits(tmp_path: Path) -> None:
+    policy = KeyPolicy(budget_month=1000)  # 100 requests of 10 tokens
+    holder, asker = workers = _memory_workers(tmp_path, 2)
+
+    async def run() -> int:
+        stop = asyncio.Event()
+
+        async def ticking() -> None:  # the holder's app
+            while not stop.is_set():
+                await asyncio.sleep(limits.RECALL_POLL_S)
+                holder.tick()
+
+        ticker = asyncio.ensure_future(ticking())
+        admitted(holder.admit("team", policy, rid(), 10))  # holds a lease of 16 requests' tokens
+        got = 1
+        while isinstance(await asker.admit_async("team", policy, rid(), 10), Reservation):
+            got += 1
+        stop.set()
+        await ticker
+        return got
+
+    try:
+        assert asyncio.run(run()) == 100
+    finally:
+        _close(workers)
 
 
 # --- what a denial says ---------------------------------------------------------------------------------

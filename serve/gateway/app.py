@@ -29,7 +29,7 @@ from serve.gateway.errors import GatewayError, error_body, unavailable
 from serve.gateway.gc_policy import tune_gc
 from serve.gateway.keys import KeyCache, KeyStore
 from serve.gateway.ledger import LedgerWriter
-from serve.gateway.limits import Limiter, LocalLimiter, windows
+from serve.gateway.limits import RECALL_POLL_S, Limiter, LocalLimiter, windows
 from serve.gateway.logconfig import ACCESS_LOGGER
 from serve.gateway.metrics import GatewayMetrics
 from serve.gateway.proxy import Gateway
@@ -219,15 +219,23 @@ def create_app(settings: GatewaySettings) -> GatewayApp:
         assert app is not None
         gateway.session = _open_session(settings)
         gateway.ledger.start()
-        async with _access_log_thread(), _every(FLUSH_INTERVAL_S, app.flush):
+        limiter = gateway.limiter
+        # Leases asked back by other workers, idle or of a past window go back within RECALL_POLL_S.
+        leases = (
+            _every(RECALL_POLL_S, limiter.tick)
+            if isinstance(limiter, LocalLimiter)
+            else contextlib.nullcontext()
+        )
+        async with _access_log_thread(), _every(FLUSH_INTERVAL_S, app.flush), leases:
             try:
                 yield
             finally:
                 await gateway.ledger.close()
                 await gateway.session.close()
                 gateway.session = None
-                if isinstance(gateway.limiter, LocalLimiter):
-                    gateway.limiter.counters.close()
+        if isinstance(limiter, LocalLimiter):
+            limiter.give_back_all()
+            limiter.counters.close()
 
     admin = FastAPI(
         title="openweights-kit gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None

@@ -28,11 +28,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 MAGIC = 0x4B49544C494D4954  # "KITLIMIT"
-VERSION = 2
+VERSION = 3
 _HEADER = struct.Struct("<5q")  # magic, version, key slots, worker slots, worker slots ever used
 _HIGH_WATER_AT = 32
-_KEY = struct.Struct("<8q")
+_KEY = struct.Struct("<9q")  # name hash, the window, lease recall generation
 _WINDOW = struct.Struct("<7q")  # a key slot after its name hash
+_GENERATION_AFTER = _WINDOW.size  # the recall generation follows the window
 _PID = struct.Struct("<q")
 _INFLIGHT = struct.Struct("<i")
 
@@ -79,7 +80,8 @@ class SharedCounters:
         self._workers_at = _HEADER.size
         self._keys_at = self._workers_at + worker_slots * _PID.size
         self._inflight_at = self._keys_at + key_slots * _KEY.size
-        size = self._inflight_at + worker_slots * key_slots * _INFLIGHT.size
+        self._leases_at = self._inflight_at + worker_slots * key_slots * _INFLIGHT.size
+        size = self._leases_at + worker_slots * key_slots * _INFLIGHT.size
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self._slot_of: dict[str, int] = {}
         self._offsets: dict[str, tuple[int, int, int]] = {}
@@ -107,6 +109,7 @@ class SharedCounters:
                             day_tok,
                             month,
                             month_tok,
+                            0,
                         )
             self.worker = self._register()
 
@@ -117,6 +120,9 @@ class SharedCounters:
     def _inflight_offset(self, worker: int, slot: int) -> int:
         return self._inflight_at + (worker * self.key_slots + slot) * _INFLIGHT.size
 
+    def _lease_offset(self, worker: int, slot: int) -> int:
+        return self._leases_at + (worker * self.key_slots + slot) * _INFLIGHT.size
+
     @contextmanager
     def _locked_fd(self) -> Iterator[None]:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
@@ -126,9 +132,9 @@ class SharedCounters:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _clear_worker(self, worker: int) -> None:
-        start = self._inflight_offset(worker, 0)
         length = self.key_slots * _INFLIGHT.size
-        self._map[start : start + length] = bytes(length)
+        for start in (self._inflight_offset(worker, 0), self._lease_offset(worker, 0)):
+            self._map[start : start + length] = bytes(length)
 
     def _register(self) -> int:
         """Take a worker slot (the first free one), after clearing every slot whose process is gone
@@ -208,6 +214,35 @@ class SharedCounters:
     def write_at(self, at: int, window: Window) -> None:
         """Store windows at offset ``at`` (call under ``lock``)."""
         _WINDOW.pack_into(self._map, at, *window)
+
+    def generation_at(self, at: int) -> int:
+        """The lease recall generation of the key whose windows are at ``at``. It may be read without
+        the lock (one aligned 8-byte load: a value before or after a change, never a mix); change it
+        under the lock."""
+        return _PID.unpack_from(self._map, at + _GENERATION_AFTER)[0]
+
+    def recall_at(self, at: int) -> None:
+        """Ask every worker to give back its lease of the key (call under ``lock``)."""
+        _PID.pack_into(self._map, at + _GENERATION_AFTER, self.generation_at(at) + 1)
+
+    def add_lease_holder(self, slot: int, delta: int) -> None:
+        """Count a lease of key ``slot`` taken (+1) or given back (-1) in this worker (call under
+        ``lock``)."""
+        at = self._lease_offset(self.worker, slot)
+        (count,) = _INFLIGHT.unpack_from(self._map, at)
+        _INFLIGHT.pack_into(self._map, at, max(0, count + delta))
+
+    def lease_holders(self, slot: int) -> int:
+        """Leases of key ``slot`` held in every worker (call under ``lock``)."""
+        (workers,) = _PID.unpack_from(self._map, _HIGH_WATER_AT)
+        held = 0
+        for worker in range(workers):
+            held += _INFLIGHT.unpack_from(self._map, self._lease_offset(worker, slot))[0]
+        return held
+
+    def workers(self) -> int:
+        """How many worker slots have been used (live or not): leases are sized by it."""
+        return max(1, _PID.unpack_from(self._map, _HIGH_WATER_AT)[0])
 
     def in_flight_of(self, slot: int) -> int:
         """Requests of key ``slot`` in flight on every worker (call under ``lock``)."""
