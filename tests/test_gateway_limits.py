@@ -30,6 +30,7 @@ from aiohttp import web
 from sqlalchemy import select
 
 from serve.gateway.keys import KeyPolicy, KeyStore
+from serve.gateway.shared_counters import SharedCounters
 from serve.gateway.store import LimitState, open_engine
 from tests.conftest import ThreadedAiohttp
 from tests.gateway_process import GatewayProcess, Reply, WorkerConnection, gateway_process
@@ -54,6 +55,7 @@ KEYS = {
     "openai-sdk": KeyPolicy(rpm=1),
     "anthropic-sdk": KeyPolicy(rpm=1),
     "unlimited": KeyPolicy(),
+    "leased": KeyPolicy(rpm=200),  # far enough from its limit for the workers to take leases
 }
 
 
@@ -307,6 +309,38 @@ def test_rpm_admits_exactly_k_of_parallel_requests_across_two_workers(
     # Spent for this minute: the next request is refused by whichever worker takes it.
     again = httpx.post(gateway.url + CHAT, json=chat(), headers=bearer(gateway.keys["rpm"]), timeout=30)
     assert again.status_code == 429
+
+
+def test_with_leases_on_both_workers_a_limit_of_k_still_admits_exactly_k(
+    memory_gateway: Running, upstream: tuple[ThreadedAiohttp, FakeVllm]
+) -> None:
+    # rpm=200 is far enough from spent that each worker admits from a lease of the key's counters
+    # (limits.LocalLimiter). One burst reaches both workers, so each takes a lease; then only one worker
+    # gets requests. The idle worker's lease comes back (unused for 0.25 s, or asked back by a request it
+    # refuses: tests/test_limits.py checks each) and no lease is taken near the limit: exactly 200 of
+    # the 216 requests go through, never more.
+    gateway, fake = memory_gateway, upstream[1]
+    room_in_window(60, 40)
+    connections = gateway.process.connections_per_worker(PER_WORKER)
+    busy_pid = connections[0].pid
+    busy = [c for c in connections if c.pid == busy_pid]
+    assert len(busy) == PER_WORKER and len({c.pid for c in connections}) == 2
+    statuses: list[int] = []
+    for round_ in range(26):
+        futures = burst(connections if round_ == 0 else busy, CHAT, chat(), gateway.keys["leased"])
+        done, _ = wait(futures, timeout=120, return_when=FIRST_EXCEPTION)
+        assert len(done) == len(futures), "requests still running after 120 s"
+        statuses += [f.result().status for f in futures]
+        if round_ == 0:  # the leases are counted up front: more than the 16 requests sent so far
+            folder = Path(gateway.database.removeprefix("sqlite:///")).parent
+            counters = SharedCounters(folder / "run" / f"gateway-limits-{gateway.process.port}.counters")
+            with counters.locked():
+                counted = counters.read("leased")[1]
+            counters.close()
+            assert counted > 2 * PER_WORKER, counted
+    assert len(statuses) == 216
+    assert Counter(statuses) == {200: 200, 429: 16}
+    assert fake.calls == 200
 
 
 @pytest.mark.parametrize("store", STORES)
