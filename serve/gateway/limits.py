@@ -5,8 +5,10 @@ Two stores, one rule (``evaluate``):
 
 - ``LocalLimiter`` (the default for one gateway host): counters in memory shared by the host's workers
   (``shared_counters``), checked and counted under one lock in a few microseconds on the event loop, no
-  database on the request path. The usage ledger is the durable store behind it: the counters are
-  seeded from the ledger when the gateway starts, so day and month budgets survive restarts.
+  database on the request path; a key far from its limits is admitted mostly from a worker-local lease
+  of its counters, without the lock (see ``LocalLimiter``). The usage ledger is the durable store
+  behind it: the counters are seeded from the ledger when the gateway starts, so day and month budgets
+  survive restarts.
 - ``Limiter`` (SQL; the default when ``database_url`` points at a shared database, for several gateway
   hosts): one short transaction on the key's counter row per admission and per settlement, in a thread
   (SQLite ``BEGIN IMMEDIATE``, Postgres ``SELECT ... FOR UPDATE``), exact across hosts at the cost of a
