@@ -401,32 +401,30 @@ class LocalLimiter:
         counters = self.counters
         minute, day, month = windows(now)
         for name, lease in list(self._leases.items()):
-            at, mine, index = counters.offsets(name)
+            at = counters.offsets(name)[0]
             if (
                 now - lease.used_at < LEASE_IDLE_S
                 and (lease.minute, lease.day, lease.month) == (minute, day, month)
                 and counters.generation_at(at) == lease.generation
             ):
                 continue
-            counters.lock()
-            try:
-                if self._leases.get(name) is lease:
-                    del self._leases[name]
-                    self._give_back(lease, at, mine, index)
-            finally:
-                counters.unlock()
+            self._return(name, lease)
 
     def give_back_all(self) -> None:
         """Give back every lease (the worker is stopping)."""
-        counters = self.counters
         for name, lease in list(self._leases.items()):
-            at, mine, index = counters.offsets(name)
-            counters.lock()
-            try:
-                del self._leases[name]
-                self._give_back(lease, at, mine, index)
-            finally:
-                counters.unlock()
+            self._return(name, lease)
+
+    def _return(self, name: str, lease: Lease) -> None:
+        """Drop this worker's lease of key ``name`` and give back what is left of it, under the lock."""
+        counters = self.counters
+        at, mine, index = counters.offsets(name)
+        counters.lock()
+        try:
+            del self._leases[name]
+            self._give_back(lease, at, mine, index)
+        finally:
+            counters.unlock()
 
     def settle(self, reservation: Reservation, used_tokens: int, now: float | None = None) -> None:
         """Replace the reservation by ``used_tokens`` and release the in-flight slot."""
@@ -458,6 +456,16 @@ class LocalLimiter:
     ) -> Reservation | Denial:
         """``admit``, waiting up to ``RECALL_WAIT_S`` for leases asked back from other workers."""
         result = self.admit(name, policy, request_id, tokens)
+        if isinstance(result, Denial) and result.recalled:
+            return await self.after_recall(result, name, policy, request_id, tokens)
+        return result
+
+    async def after_recall(
+        self, denial: Denial, name: str, policy: KeyPolicy, request_id: str, tokens: int
+    ) -> Reservation | Denial:
+        """Decide a request that ``admit`` refused with ``recalled`` set again every ``RECALL_POLL_S``,
+        once the leases asked back may have come back, for up to ``RECALL_WAIT_S``."""
+        result: Reservation | Denial = denial
         deadline = time.monotonic() + RECALL_WAIT_S
         while isinstance(result, Denial) and result.recalled:
             if time.monotonic() >= deadline:

@@ -310,7 +310,9 @@ async def admit(gateway: Gateway, call: Call, obj: dict[str, Any] | None, body_b
     if limiter.on_loop:
         result = limiter.admit(principal.name, principal.policy, call.request_id, tokens)
         if isinstance(result, Denial) and result.recalled:  # other workers' leases asked back: wait
-            result = await limiter.admit_async(principal.name, principal.policy, call.request_id, tokens)
+            result = await limiter.after_recall(
+                result, principal.name, principal.policy, call.request_id, tokens
+            )
     else:
         result = await limiter.admit_async(principal.name, principal.policy, call.request_id, tokens)
     if isinstance(result, Denial):
