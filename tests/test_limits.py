@@ -507,7 +507,7 @@ def test_a_key_far_from_its_limits_is_admitted_from_a_lease_counted_up_front(tmp
         with one.counters.locked():
             leased = one.counters.read("team")
             running = one.counters.in_flight_of(one.counters.offsets("team")[2])
-        # The lease is counted as used: 64 requests, the tokens of 16 such requests, 64 slots.
+        # The lease is counted as used: 64 requests, the tokens of 64 such requests, 64 slots.
         assert leased[1:3] == (1 + limits.LEASE_REQUESTS, 100 + 100 * limits.LEASE_TOKEN_REQUESTS)
         assert running == 1 + limits.LEASE_REQUESTS
         for _ in range(10):
@@ -531,6 +531,35 @@ def test_settled_and_given_back_leases_leave_exactly_the_real_usage_counted(tmp_
             running = one.counters.in_flight_of(one.counters.offsets("team")[2])
         assert window[1:3] == (40, 40 * 40)
         assert (window[4], window[6]) == (40 * 40, 40 * 40)
+        assert running == 0
+    finally:
+        _close(workers)
+
+
+def test_requests_of_a_lease_given_back_since_settle_into_the_current_one_without_the_lock(
+    tmp_path: Path,
+) -> None:
+    # Under load a worker's lease runs out while requests admitted from it are still running; they end
+    # after it was given back and replaced. They settle into the current lease (what they hold is
+    # counted in the shared counters, as the lease is), not under the lock one by one.
+    (one,) = workers = _memory_workers(tmp_path, 1)
+    try:
+        count = 3 * limits.LEASE_REQUESTS
+        reservations = [admitted(one.admit("team", BIG, rid(), 100, now=NOON)) for _ in range(count)]
+        assert len({id(r.lease) for r in reservations if r.lease is not None}) >= 2  # leases were replaced
+        with one.counters.locked():
+            before = one.counters.read("team")
+        one.counters.lock = None  # type: ignore[method-assign]  # a settle that takes the lock fails
+        for reservation in reservations:
+            one.settle(reservation, 40, now=NOON + 1)
+        del one.counters.lock
+        with one.counters.locked():
+            assert one.counters.read("team") == before
+        one.give_back_all()
+        with one.counters.locked():
+            window = one.counters.read("team")
+            running = one.counters.in_flight_of(one.counters.offsets("team")[2])
+        assert window[1:3] == (count, count * 40)
         assert running == 0
     finally:
         _close(workers)
@@ -590,7 +619,7 @@ def test_admit_async_waits_for_a_recalled_lease_and_admits(tmp_path: Path) -> No
                 holder.tick()
 
         ticker = asyncio.ensure_future(ticking())
-        admitted(holder.admit("team", policy, rid(), 10))  # holds a lease of 16 requests' tokens
+        admitted(holder.admit("team", policy, rid(), 10))  # holds a lease of an eighth of what is left
         got = 1
         while isinstance(await asker.admit_async("team", policy, rid(), 10), Reservation):
             got += 1

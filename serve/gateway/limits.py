@@ -137,7 +137,7 @@ than a lease of this size on each worker is admitted one request at a time."""
 LEASE_SPREAD = 4
 """A lease takes at most 1 / (``LEASE_SPREAD`` x workers) of what each limit has left, so leases stop
 well before a limit is reached and the last requests are admitted one by one, exactly."""
-LEASE_TOKEN_REQUESTS = 16
+LEASE_TOKEN_REQUESTS = 64
 """A token lease covers at most this many requests the size of the one that took it."""
 LEASE_IDLE_S = 0.25
 """A lease not used for this long is given back (``LocalLimiter.tick``)."""
@@ -431,15 +431,22 @@ class LocalLimiter:
         if not reservation.needs_settle:
             return
         now = time.time() if now is None else now
-        lease = reservation.lease
-        if lease is not None and self._leases.get(reservation.name) is lease:
-            minute, day, month = windows(now)
-            if (lease.minute, lease.day, lease.month) == (minute, day, month):
-                lease.tokens += reservation.tokens - used_tokens
-                if reservation.slot:
-                    lease.slots += 1
-                lease.used_at = now
-                return
+        lease = self._leases.get(reservation.name)
+        if (
+            lease is not None
+            and (lease.policy.max_concurrent is not None) == reservation.slot
+            and (lease.minute, lease.day, lease.month)
+            == (reservation.minute, reservation.day, reservation.month)
+            == windows(now)
+        ):
+            # What the request holds is counted in the shared counters, as this lease is: handing it to
+            # the lease (returned with it) counts the same as handing it back under the lock. So does a
+            # request admitted from an earlier lease or the shared counters, in the same windows.
+            lease.tokens += reservation.tokens - used_tokens
+            if reservation.slot:
+                lease.slots += 1
+            lease.used_at = now
+            return
         counters = self.counters
         at, mine, _ = counters.offsets(reservation.name)
         counters.lock()
