@@ -226,7 +226,8 @@ def test_parallel_requests_against_a_limit_of_k_admit_exactly_k(
         with engine.connect() as connection:
             slots = connection.execute(select(InFlight.request_id).where(InFlight.name == "team")).all()
         engine.dispose()
-        assert {s.request_id for s in slots} == {r.request_id for r in reservations}
+        assert {s.request_id for s in slots} == {r.slot_id for r in reservations}
+        assert all(r.slot_id.startswith(f"{r.request_id}:") for r in reservations if r.slot_id)
 
 
 def test_keys_sharing_a_store_are_counted_apart(limiter: Any_Limiter) -> None:
@@ -268,6 +269,23 @@ def test_settling_releases_the_in_flight_slot(request: pytest.FixtureRequest, st
     assert (busy.used, busy.value) == (1, 1)
     one.settle(first, 5, now=NOON + 2)
     admitted(other.admit("team", policy, rid(), 10, now=NOON + 3))
+
+
+def test_requests_that_share_a_client_request_id_hold_a_slot_each(store: Store) -> None:
+    # A client may send its own x-request-id, and the same one twice (a retry, a fixed header). Two such
+    # requests in flight hold two slots, and each settle frees its own.
+    policy = KeyPolicy(max_concurrent=2)
+    one, other = store.worker(), store.worker()
+    first = admitted(one.admit("team", policy, "client-id-1", 10, now=NOON))
+    second = admitted(other.admit("team", policy, "client-id-1", 10, now=NOON + 1))
+    denied(one.admit("team", policy, rid(), 10, now=NOON + 2), "max_concurrent")
+    one.settle(first, 5, now=NOON + 3)
+    third = admitted(one.admit("team", policy, rid(), 10, now=NOON + 4))
+    denied(other.admit("team", policy, rid(), 10, now=NOON + 5), "max_concurrent")  # second still holds one
+    other.settle(second, 5, now=NOON + 6)
+    one.settle(third, 5, now=NOON + 7)
+    admitted(one.admit("team", policy, rid(), 10, now=NOON + 8))
+    admitted(other.admit("team", policy, rid(), 10, now=NOON + 9))
 
 
 def test_keys_without_token_limits_reserve_no_tokens(store: Store, limiter: Any_Limiter) -> None:

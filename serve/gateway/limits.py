@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -97,6 +98,7 @@ class Reservation(NamedTuple):
     month: int
     slot: bool
     lease: Lease | None = None  # the worker-local lease it was admitted from (LocalLimiter)
+    slot_id: str | None = None  # its row in the in-flight table (Limiter): the request id made unique
 
     @property
     def needs_settle(self) -> bool:
@@ -522,7 +524,8 @@ class Limiter:
         Args:
             name: the key's name (counters are per name).
             policy: its limits.
-            request_id: unique id of the request (its in-flight slot).
+            request_id: the request's id; its in-flight slot's row is this id and a random suffix
+                (a client may send the same ``x-request-id`` on requests in flight together).
             tokens: tokens to reserve (prompt estimate + max_tokens); counted only when the key has
                 ``tpm`` or a budget.
 
@@ -543,13 +546,15 @@ class Limiter:
                 return denial
             connection.execute(update(LimitState).where(LimitState.name == name).values(**_columns(window)))
             slot = policy.max_concurrent is not None
+            slot_id = None
             if slot:
+                slot_id = f"{request_id}:{secrets.token_hex(6)}"
                 connection.execute(
                     insert(InFlight).values(
-                        request_id=request_id, name=name, expires_at=now + self.in_flight_ttl_s
+                        request_id=slot_id, name=name, expires_at=now + self.in_flight_ttl_s
                     )
                 )
-        return Reservation(name, request_id, tokens, window[0], window[3], window[5], slot)
+        return Reservation(name, request_id, tokens, window[0], window[3], window[5], slot, slot_id=slot_id)
 
     def settle(self, reservation: Reservation, used_tokens: int, now: float | None = None) -> None:
         """Replace the reservation by ``used_tokens`` and release the in-flight slot (blocking)."""
@@ -567,7 +572,7 @@ class Limiter:
                     update(LimitState).where(LimitState.name == reservation.name).values(**_columns(window))
                 )
             if reservation.slot:
-                connection.execute(delete(InFlight).where(InFlight.request_id == reservation.request_id))
+                connection.execute(delete(InFlight).where(InFlight.request_id == reservation.slot_id))
 
     async def admit_async(
         self, name: str, policy: KeyPolicy, request_id: str, tokens: int

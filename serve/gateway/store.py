@@ -89,7 +89,8 @@ class LimitState(Base):
 
 class InFlight(Base):
     """One row per admitted request of a key with ``max_concurrent``, deleted when it ends. A worker
-    that dies leaves its rows; they stop counting at ``expires_at`` (epoch seconds)."""
+    that dies leaves its rows; they stop counting at ``expires_at`` (epoch seconds). ``request_id`` is
+    the request's id and a random suffix (``<id>:<12 hex digits>``): a client may send one id twice."""
 
     __tablename__ = "key_in_flight"
 
