@@ -97,7 +97,7 @@ class Reservation(NamedTuple):
     day: int
     month: int
     slot: bool
-    lease: Lease | None = None  # the worker-local lease that admitted it (LocalLimiter; for tests, logs)
+    lease: Lease | None = None  # the worker-local lease that admitted it (LocalLimiter; read by tests only)
     slot_id: str | None = None  # its row in the in-flight table (Limiter): the request id made unique
 
     @property

@@ -117,11 +117,10 @@ class SharedCounters:
     def _key_offset(self, slot: int) -> int:
         return self._keys_at + slot * _KEY.size
 
-    def _inflight_offset(self, worker: int, slot: int) -> int:
-        return self._inflight_at + (worker * self.key_slots + slot) * _INFLIGHT.size
-
-    def _lease_offset(self, worker: int, slot: int) -> int:
-        return self._leases_at + (worker * self.key_slots + slot) * _INFLIGHT.size
+    def _cell_offset(self, table_at: int, worker: int, slot: int) -> int:
+        """The offset of worker ``worker``'s count for key ``slot`` in a per-worker table (in-flight
+        requests at ``_inflight_at``, leases held at ``_leases_at``)."""
+        return table_at + (worker * self.key_slots + slot) * _INFLIGHT.size
 
     @contextmanager
     def _locked_fd(self) -> Iterator[None]:
@@ -133,7 +132,10 @@ class SharedCounters:
 
     def _clear_worker(self, worker: int) -> None:
         length = self.key_slots * _INFLIGHT.size
-        for start in (self._inflight_offset(worker, 0), self._lease_offset(worker, 0)):
+        for start in (
+            self._cell_offset(self._inflight_at, worker, 0),
+            self._cell_offset(self._leases_at, worker, 0),
+        ):
             self._map[start : start + length] = bytes(length)
 
     def _register(self) -> int:
@@ -203,7 +205,11 @@ class SharedCounters:
         cached = self._offsets.get(name)
         if cached is None:
             slot = self._find(name, create=True)
-            cached = (self._key_offset(slot) + 8, self._inflight_offset(self.worker, slot), slot)
+            cached = (
+                self._key_offset(slot) + 8,
+                self._cell_offset(self._inflight_at, self.worker, slot),
+                slot,
+            )
             self._offsets[name] = cached
         return cached
 
@@ -228,17 +234,11 @@ class SharedCounters:
     def add_lease_holder(self, slot: int, delta: int) -> None:
         """Count a lease of key ``slot`` taken (+1) or given back (-1) in this worker (call under
         ``lock``)."""
-        at = self._lease_offset(self.worker, slot)
-        (count,) = _INFLIGHT.unpack_from(self._map, at)
-        _INFLIGHT.pack_into(self._map, at, max(0, count + delta))
+        self._add_at(self._cell_offset(self._leases_at, self.worker, slot), delta)
 
     def lease_holders(self, slot: int) -> int:
         """Leases of key ``slot`` held in every worker (call under ``lock``)."""
-        (workers,) = _PID.unpack_from(self._map, _HIGH_WATER_AT)
-        held = 0
-        for worker in range(workers):
-            held += _INFLIGHT.unpack_from(self._map, self._lease_offset(worker, slot))[0]
-        return held
+        return self._sum_over_workers(self._leases_at, slot)
 
     def workers(self) -> int:
         """How many worker slots have been used (live or not): leases are sized by it."""
@@ -246,14 +246,22 @@ class SharedCounters:
 
     def in_flight_of(self, slot: int) -> int:
         """Requests of key ``slot`` in flight on every worker (call under ``lock``)."""
-        (workers,) = _PID.unpack_from(self._map, _HIGH_WATER_AT)
-        running = 0
-        for worker in range(workers):  # a loop, not sum() over a generator: this runs per request
-            running += _INFLIGHT.unpack_from(self._map, self._inflight_offset(worker, slot))[0]
-        return running
+        return self._sum_over_workers(self._inflight_at, slot)
 
     def add_in_flight_at(self, at: int, delta: int) -> None:
         """Change the in-flight count at offset ``at`` (this worker's; call under ``lock``)."""
+        self._add_at(at, delta)
+
+    def _sum_over_workers(self, table_at: int, slot: int) -> int:
+        """Key ``slot``'s counts in a per-worker table, added up over every worker slot used."""
+        (workers,) = _PID.unpack_from(self._map, _HIGH_WATER_AT)
+        total = 0
+        for worker in range(workers):  # a loop, not sum() over a generator: this runs per admission
+            total += _INFLIGHT.unpack_from(self._map, self._cell_offset(table_at, worker, slot))[0]
+        return total
+
+    def _add_at(self, at: int, delta: int) -> None:
+        """Add ``delta`` to the per-worker count at offset ``at``, never below zero."""
         (count,) = _INFLIGHT.unpack_from(self._map, at)
         _INFLIGHT.pack_into(self._map, at, max(0, count + delta))
 
