@@ -113,6 +113,7 @@ class Lease:
     Attributes:
         policy: the key's policy it was sized for (a changed policy gives the lease back).
         generation: the key's recall generation when taken (a newer one gives it back).
+        at: the offset of the key's windows in the shared counters (``SharedCounters.offsets``).
         minute / day / month: the windows it was counted in.
         requests / tokens / slots: what is left of it (``tokens`` may go below zero when requests used
             more than they reserved); ``slots`` is ``UNBOUNDED`` for a key without ``max_concurrent``.
@@ -121,6 +122,7 @@ class Lease:
 
     policy: KeyPolicy
     generation: int
+    at: int
     minute: int
     day: int
     month: int
@@ -290,25 +292,22 @@ class LocalLimiter:
         now = time.time() if now is None else now
         tokens = tokens if policy.counts_tokens else 0
         lease = self._leases.get(name)
-        if lease is not None:
-            minute, day, month = windows(now)
-            if (
-                lease.policy is policy
-                and lease.minute == minute
-                and lease.day == day
-                and lease.month == month
-                and lease.requests >= 1
-                and lease.tokens >= tokens
-                and lease.slots >= 1
-                and self.counters.generation_at(self.counters.offsets(name)[0]) == lease.generation
-            ):
-                slot = policy.max_concurrent is not None
-                lease.requests -= 1
-                lease.tokens -= tokens
-                if slot:
-                    lease.slots -= 1
-                lease.used_at = now
-                return Reservation(name, request_id, tokens, minute, day, month, slot, lease)
+        if (
+            lease is not None
+            and lease.minute == now // 60  # the same minute: the same day and month too
+            and lease.policy is policy
+            and lease.requests >= 1
+            and lease.tokens >= tokens
+            and lease.slots >= 1
+            and self.counters.generation_at(lease.at) == lease.generation
+        ):
+            slot = policy.max_concurrent is not None
+            lease.requests -= 1
+            lease.tokens -= tokens
+            if slot:
+                lease.slots -= 1
+            lease.used_at = now
+            return Reservation(name, request_id, tokens, lease.minute, lease.day, lease.month, slot, lease)
         return self._admit_shared(name, policy, request_id, tokens, now)
 
     def _admit_shared(
@@ -331,7 +330,7 @@ class LocalLimiter:
                     counters.recall_at(at)
                     return dataclasses.replace(denial, recalled=True)
                 return denial
-            lease = self._new_lease(policy, window, running + 1, tokens, now, counters.generation_at(at))
+            lease = self._new_lease(policy, window, running + 1, tokens, now, at)
             taken_slots = 1
             if lease is not None:
                 minute, req, tok, day, day_tok, month, month_tok = window
@@ -356,10 +355,11 @@ class LocalLimiter:
         return Reservation(name, request_id, tokens, window[0], window[3], window[5], slot)
 
     def _new_lease(
-        self, policy: KeyPolicy, window: Window, running: int, tokens: int, now: float, generation: int
+        self, policy: KeyPolicy, window: Window, running: int, tokens: int, now: float, at: int
     ) -> Lease | None:
-        """A lease of the key's limits as counted in ``window`` (with the request just admitted), or None
-        when one of them has too little left to share."""
+        """A lease of the key's limits as counted in ``window`` (with the request just admitted) for the
+        key whose windows are at offset ``at``, or None when one of them has too little left to share
+        (call under the lock)."""
         share = LEASE_SPREAD * self.counters.workers()
         minute, req, tok, day, day_tok, month, month_tok = window
         requests = LEASE_REQUESTS
@@ -380,7 +380,8 @@ class LocalLimiter:
             slots = min(LEASE_REQUESTS, (policy.max_concurrent - running) // share)
         if requests < LEASE_MIN or lease_tokens < tokens * LEASE_MIN or slots < LEASE_MIN:
             return None  # near a limit: one by one
-        return Lease(policy, generation, minute, day, month, requests, lease_tokens, slots, now)
+        generation = self.counters.generation_at(at)
+        return Lease(policy, generation, at, minute, day, month, requests, lease_tokens, slots, now)
 
     def _give_back(self, lease: Lease, at: int, mine: int, index: int) -> None:
         """Return what is left of ``lease`` to the shared counters (call under the lock)."""
@@ -405,13 +406,12 @@ class LocalLimiter:
             return
         now = time.time() if now is None else now
         counters = self.counters
-        minute, day, month = windows(now)
+        minute = now // 60
         for name, lease in list(self._leases.items()):
-            at = counters.offsets(name)[0]
             if (
                 now - lease.used_at < LEASE_IDLE_S
-                and (lease.minute, lease.day, lease.month) == (minute, day, month)
-                and counters.generation_at(at) == lease.generation
+                and lease.minute == minute  # the same day and month too
+                and counters.generation_at(lease.at) == lease.generation
             ):
                 continue
             self._return(name, lease)
@@ -440,10 +440,8 @@ class LocalLimiter:
         lease = self._leases.get(reservation.name)
         if (
             lease is not None
+            and lease.minute == reservation.minute == now // 60  # then the same day and month too
             and (lease.policy.max_concurrent is not None) == reservation.slot
-            and (lease.minute, lease.day, lease.month)
-            == (reservation.minute, reservation.day, reservation.month)
-            == windows(now)
         ):
             # What the request holds is counted in the shared counters, as this lease is: handing it to
             # the lease (returned with it) counts the same as handing it back under the lock. So does a
