@@ -27,7 +27,7 @@ from sqlalchemy import create_engine, event, func, insert, select
 from sqlalchemy.engine import Engine
 
 from serve.gateway import store
-from serve.gateway.access import new_request_id
+from serve.gateway.access import RequestIds
 from serve.gateway.ledger import LedgerWriter
 from serve.gateway.store import LedgerRow, open_engine
 from tests.polling import wait_for
@@ -429,7 +429,7 @@ def test_the_request_paths_row_values_line_up_with_the_ledgers_columns():
     from serve.gateway.proxy import Call, ledger_row
     from serve.gateway.routes import ROUTES
 
-    call = Call("rid-1", ROUTES[0], 0.0, datetime.now(UTC))
+    call = Call("rid-1", ROUTES[0], 0.0, time.time())
     call.principal = Principal("alice", "00000000", KeyPolicy())
     call.model, call.status, call.outcome, call.stream, call.ttft_ms = "m", 200, "ok", True, 1.5
     call.client_ip = "203.0.113.9"
@@ -477,6 +477,10 @@ def test_the_writers_own_conversions_store_what_sqlalchemys_insert_stores(tmp_pa
     writer = LedgerWriter(engine, tmp_path)
     writer.record({**row, "request_id": "writer"})
     writer.record({**row, "request_id": "writer-2", "created_at": datetime(2026, 3, 4, 5, 6, 7, 891, UTC)})
+    # The request path records epoch seconds (UTC), rounded to the microsecond as fromtimestamp does.
+    epoch = datetime(2026, 3, 4, 5, 6, 7, 891, UTC).timestamp()
+    writer.record({**row, "request_id": "writer-epoch", "created_at": epoch})
+    writer.record({**row, "request_id": "writer-epoch-2", "created_at": float(int(epoch)) + 0.9999999})
     assert asyncio.run(writer._flush())
     with engine.begin() as connection:
         connection.execute(insert(LedgerRow), [{**row, "request_id": "orm"}])
@@ -491,15 +495,16 @@ def test_the_writers_own_conversions_store_what_sqlalchemys_insert_stores(tmp_pa
     with contextlib.closing(sqlite3.connect(tmp_path / "ledger.sqlite")) as db:
         stored = {
             rid: db.execute(f"SELECT {columns} FROM usage_ledger WHERE request_id = ?", (rid,)).fetchone()
-            for rid in ("writer", "orm", "writer-2", "orm-2")
+            for rid in ("writer", "orm", "writer-2", "orm-2", "writer-epoch", "writer-epoch-2")
         }
     assert (
         stored["writer"]
         == stored["orm"]
         == ("2026-03-04 05:06:07.000000", "text", 1, "integer", 12.5, "real", None)
     )
-    assert stored["writer-2"] == stored["orm-2"]
+    assert stored["writer-2"] == stored["orm-2"] == stored["writer-epoch"]
     assert stored["writer-2"][0] == "2026-03-04 05:06:07.000891"
+    assert stored["writer-epoch-2"][0] == "2026-03-04 05:06:08.000000"
 
 
 def _write_in_statements(engine: Engine, tmp_path: Path, count: int) -> list[tuple[bool, int]]:
@@ -579,13 +584,41 @@ def test_a_batch_is_inserted_in_multi_row_statements_on_postgres(tmp_path, postg
     assert inserts == [(False, n * width) for n in (256, 256, 256, 256, 128, 64, 16, 2)]
 
 
+def test_epoch_seconds_from_the_request_path_are_stored_as_their_utc_time_on_postgres(tmp_path, postgres_url):
+    """The request path records ``created_at`` as epoch seconds; on Postgres the writer binds it as the
+    aware datetime it stands for (psycopg would refuse a float for a ``timestamptz``)."""
+    epoch = datetime(2026, 3, 4, 5, 6, 7, 891, UTC).timestamp()
+    with new_database(postgres_url, "ledger_epoch") as url:
+        engine = open_engine(url, create=True)
+        try:
+            writer = LedgerWriter(engine, tmp_path)
+            writer.record(
+                {
+                    "request_id": "epoch",
+                    "created_at": epoch,
+                    "route": "/v1/chat/completions",
+                    "status": 200,
+                    "outcome": "ok",
+                    "stream": False,
+                    "latency_ms": 1.0,
+                }
+            )
+            assert asyncio.run(writer._flush())
+            with engine.connect() as connection:
+                stored = connection.execute(select(LedgerRow.created_at)).scalar_one()
+        finally:
+            engine.dispose()
+    assert stored == datetime(2026, 3, 4, 5, 6, 7, 891, UTC)
+
+
 def test_new_request_ids_are_uuid7_and_sort_by_time_so_the_ledger_index_appends():
     """The gateway's own request ids are UUIDv7 (RFC 9562): made a millisecond apart or more they sort in
     the order they were made, so the ``request_id`` index of a large ledger grows at its end (random ids
-    scatter its pages; see ``new_request_id`` for what that cost)."""
+    scatter its pages; see ``RequestIds`` for what that cost)."""
+    request_ids = RequestIds()
     ids = []
     for _ in range(20):
-        ids.append(new_request_id())
+        ids.append(request_ids.new())
         time.sleep(0.002)
     assert ids == sorted(ids)
     parsed = [uuid.UUID(value) for value in ids]
@@ -593,4 +626,18 @@ def test_new_request_ids_are_uuid7_and_sort_by_time_so_the_ledger_index_appends(
     assert all(len(value) == 32 and value == value.lower() for value in ids)
     made_at_ms = int(ids[0][:12], 16)
     assert abs(made_at_ms - (time.time() - 0.04) * 1000) < 5_000
-    assert len({new_request_id() for _ in range(10_000)}) == 10_000
+
+
+def test_request_ids_stay_unique_and_well_formed_across_random_pool_refills():
+    """Ids come from a pool of random bytes drawn ``POOL_IDS`` at a time: every id of several pools,
+    the ones either side of a refill included, is a distinct UUIDv7 whose random bits are not all alike."""
+    request_ids = RequestIds()
+    count = RequestIds.POOL_IDS * 40 + 3
+    ids = [request_ids.new() for _ in range(count)]
+    assert len(set(ids)) == count
+    parsed = [uuid.UUID(value) for value in ids]
+    assert all(value.version == 7 and value.variant == uuid.RFC_4122 for value in parsed)
+    random_parts = {value[12:] for value in ids}
+    assert len(random_parts) == count  # the random part alone differs (ids of one millisecond)
+    # Each hex digit of rand_b takes many values: the pool is random bytes, not a repeated or zeroed one.
+    assert all(len({value[20 + i] for value in ids}) == 16 for i in range(12))

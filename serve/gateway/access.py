@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from starlette.middleware.cors import CORSMiddleware
@@ -42,35 +41,55 @@ _OWN_ROUTES = (
 )
 
 
-def new_request_id() -> str:
-    """A new request id: a UUIDv7 (RFC 9562, section 5.7) as 32 hex digits: 48 bits of Unix time in
-    milliseconds, the version, 74 random bits.
+class RequestIds:
+    """New request ids: UUIDv7s (RFC 9562, section 5.7) as 32 hex digits: 48 bits of Unix time in
+    milliseconds, the version, 74 random bits (the variant's 2 bits among them).
 
     Time-ordered ids land at the end of the ledger's ``request_id`` index instead of all over it. Measured
     on a 1.5 M-row SQLite ledger, batches of 150 rows: 16-18 us of CPU per inserted row with these ids,
     44-49 us with random ones (half of it kernel time writing the index pages they scatter to the WAL).
+
+    The random part comes from ``os.urandom`` (a CSPRNG, as RFC 9562 section 6.9 asks), drawn for
+    ``POOL_IDS`` ids at a time with the version and variant bits already set: one system call per
+    ``POOL_IDS`` requests, and the id is two byte strings joined and hex-encoded (0.46 us per id
+    against 1.6 us for one ``os.urandom`` and integer arithmetic per id, timed 2026-12-05). One per
+    worker process (a pool copied into a forked child would repeat its ids).
     """
-    random = int.from_bytes(os.urandom(10), "big")  # 80 bits: 12 for rand_a, 62 for rand_b
-    value = (
-        (time.time_ns() // 1_000_000) << 80
-        | 0x7 << 76  # version 7
-        | (random >> 68) << 64
-        | 0b10 << 62  # the RFC 9562 variant
-        | (random & (1 << 62) - 1)
-    )
-    return f"{value:032x}"
+
+    POOL_IDS = 256
+    _SIZE = 10  # random bytes per id: rand_a (12 bits under the version) and rand_b (62 under the variant)
+
+    __slots__ = ("_at", "_pool")
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+
+    def _refill(self) -> None:
+        pool = bytearray(os.urandom(self._SIZE * self.POOL_IDS))
+        pool[0 :: self._SIZE] = bytes(b & 0x0F | 0x70 for b in pool[0 :: self._SIZE])  # version 7
+        pool[2 :: self._SIZE] = bytes(b & 0x3F | 0x80 for b in pool[2 :: self._SIZE])  # variant 0b10
+        self._pool = bytes(pool)
+        self._at = 0
+
+    def new(self) -> str:
+        """A new id."""
+        if self._at >= len(self._pool):
+            self._refill()
+        at = self._at
+        self._at = at + self._SIZE
+        return ((time.time_ns() // 1_000_000).to_bytes(6, "big") + self._pool[at : at + self._SIZE]).hex()
 
 
-def request_id_of(scope: Scope) -> str:
-    """The client's ``x-request-id`` when it is safe to log and forward, else a new one
-    (``new_request_id``)."""
+def request_id_of(scope: Scope, ids: RequestIds) -> str:
+    """The client's ``x-request-id`` when it is safe to log and forward, else a new one from ``ids``."""
     for name, value in scope["headers"]:
         if name == b"x-request-id":
             candidate = value.decode("latin-1")
             if _SAFE_ID.fullmatch(candidate):
                 return candidate
             break
-    return new_request_id()
+    return ids.new()
 
 
 class GatewayApp:
@@ -99,6 +118,7 @@ class GatewayApp:
         )
         self.routes: dict[str, Route] = {r.path: r for r in (*ROUTES, *_OWN_ROUTES)}
         self.access_log: list[str] = []
+        self.request_ids = RequestIds()  # one per app: one per worker process
 
     def flush(self) -> None:
         """Write the gathered access-log lines (one log record, a JSON object per line) and push the
@@ -120,11 +140,11 @@ class GatewayApp:
             await self.admin(scope, receive, send)
             return
         start = time.perf_counter()
-        request_id = request_id_of(scope)
+        request_id = request_id_of(scope, self.request_ids)
         path = scope["path"]
         route = self.routes.get(path)
         if route is not None and not route.local and scope["method"] == route.method:
-            passing = Call(request_id, route, start, datetime.now(UTC))
+            passing = Call(request_id, route, start, time.time())
             client = scope.get("client")
             if client:
                 passing.client_ip = client[0]
@@ -147,7 +167,7 @@ class GatewayApp:
         metrics.in_flight_now += 1
         try:
             if route is not None and route.local and scope["method"] == route.method:
-                call = Call(request_id, route, start, datetime.now(UTC))
+                call = Call(request_id, route, start, time.time())
                 if route is _USAGE_ROUTE:
                     await serve_usage(self.gateway, call, scope, send_with_id)
                 else:
@@ -213,6 +233,6 @@ class GatewayApp:
         stream = ("true" if call.stream else "false") if call is not None else "null"
         self.access_log.append(
             f'{{"request_id": "{request_id}", "method": {_quoted(method)}, "path": {_quoted(path)}, '
-            f'"status": {status}, "duration_ms": {round(elapsed * 1000, 2)}, "bytes": {sent}, '
+            f'"status": {status}, "duration_ms": {elapsed * 1000:.2f}, "bytes": {sent}, '
             f'"key": {key}, "model": {model}, "stream": {stream}}}'
         )

@@ -105,7 +105,7 @@ class Call:
     request_id: str
     route: Route
     start: float
-    created_at: datetime
+    created_at: float  # epoch seconds (the ledger writer turns it into its column's type)
     principal: Principal | None = None
     model: str | None = None
     stream: bool = False
@@ -616,8 +616,8 @@ def ledger_values(call: Call) -> tuple[Any, ...]:
         usage.completion,
         usage.reasoning,
         usage.cached,
-        round((time.perf_counter() - call.start) * 1000, 3),
-        round(call.ttft_ms, 3) if call.ttft_ms is not None else None,
+        (time.perf_counter() - call.start) * 1000,
+        call.ttft_ms,
         usage.finish_reason,
         call.policy_id,
         call.client_ip,
