@@ -18,7 +18,7 @@ from aiohttp import web
 from serve.gateway.errors import GatewayError
 from serve.gateway.keys import KeyPolicy
 from serve.gateway.limits import Limiter
-from serve.gateway.proxy import read_body
+from serve.gateway.proxy import _request_object, read_body, read_head
 from serve.gateway.settings import GatewaySettings
 
 _HEAD = b'data: {"id":"c1","object":"chat.completion.chunk","model":"m","choices":'
@@ -244,7 +244,7 @@ def test_a_body_in_several_asgi_messages_is_read_whole_and_its_limit_counts_them
         async def receive() -> dict:
             return messages.pop(0)
 
-        return await read_body(receive, {"headers": []}, limit)
+        return await read_body(receive, limit, None)
 
     assert asyncio.run(read([b'{"a":', b' "bc', b'd"}'], 100)) == b'{"a": "bcd"}'
     assert asyncio.run(read([b"whole"], 5)) == b"whole"
@@ -588,3 +588,56 @@ def test_body_rewrites_set_exactly_the_changed_fields_and_keep_the_rest(body, ch
     pairs: list = []
     json.loads(rewritten, object_pairs_hook=lambda items: pairs.append([k for k, _ in items]) or dict(items))
     assert all(len(keys) == len(set(keys)) for keys in pairs)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "m", "stream": true}',
+        b'{"model": "m"}  \r\n',
+        b' \n{"model": "m"}',
+        b'\xef\xbb\xbf{"model": "m"}',  # a UTF-8 byte order mark
+        '{"model": "é"}'.encode("utf-16"),
+        b'{"model": "m"} trailing',
+        b'{"model": "m"}{"model": "n"}',
+        b'["model"]',
+        b"\xff\xfe\xfd",
+        b"{",
+        b"",
+    ],
+)
+def test_request_bodies_are_decoded_as_vllm_decodes_them(body):
+    # vLLM's server reads a request with Starlette's Request.json(): json.loads on the bytes. A body the
+    # gateway reads differently could carry a model past the key's policy, or lose one.
+    try:
+        expected = json.loads(body)
+    except ValueError:
+        expected = None
+    assert _request_object(body) == (expected if isinstance(expected, dict) else None)
+
+
+def test_the_request_head_is_read_in_one_pass_as_each_header_alone_would_be():
+    from serve.gateway.proxy import Call, presented_key
+    from serve.gateway.routes import ROUTES
+
+    headers = [
+        (b"host", b"gw"),
+        (b"x-api-key", b"sk-from-x-api-key"),
+        (b"authorization", b"Basic dXNlcjpwYXNz"),  # not a bearer key: x-api-key stands
+        (b"content-type", b"application/json"),
+        (b"content-length", b"42"),
+        (b"x-request-id", b"client-id-1"),
+        (b"anthropic-version", b"2023-06-01"),
+        (b"user-agent", b"test"),
+    ]
+    call = Call("", ROUTES[0], 0.0, 0.0)
+    assert read_head(call, headers) == "client-id-1"
+    assert call.presented == presented_key({"headers": headers}) == "sk-from-x-api-key"
+    assert call.declared_length == b"42"
+    assert call.forward_headers == {"content-type": "application/json", "anthropic-version": "2023-06-01"}
+
+    bearer = [(b"x-api-key", b"sk-other"), (b"authorization", b"bearer  sk-bearer ")]
+    call = Call("", ROUTES[0], 0.0, 0.0)
+    assert read_head(call, bearer) is None
+    assert call.presented == presented_key({"headers": bearer}) == "sk-bearer"  # Bearer wins
+    assert call.declared_length is None and call.forward_headers == {}

@@ -101,6 +101,14 @@ def correctness_upstream() -> tuple[web.Application, dict[str, Any]]:
             return web.Response(
                 status=503, body=VLLM_503, content_type="application/json", headers={"Retry-After": "17"}
             )
+        elif mode == "stall-stream":  # a stream that sends one piece and then nothing for SLEEP_S
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            await response.write(SSE_CHUNK)
+            await asyncio.sleep(SLEEP_S)
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
         elif mode == "long-stream":
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
@@ -159,6 +167,34 @@ def test_a_non_streamed_answer_past_the_read_timeout_is_504_without_retry_after(
     assert raised.value.status_code == 504
     assert "retry-after" not in raised.value.response.headers
     assert _modes(seen, "sleep") == 1 + 1
+
+
+def test_a_stream_whose_upstream_goes_silent_past_the_read_timeout_ends_with_an_error_event(
+    upstream, gateway_factory
+):
+    server, _ = upstream
+    gateway, key = gateway_factory(server.url, upstream_read_timeout_s=SLEEP_S / 4)
+    started = time.monotonic()
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/chat/completions",
+        json=_chat("stall-stream", stream=True),
+        headers={"authorization": f"Bearer {key}"},
+        timeout=30,
+    ) as reply:
+        body = b"".join(reply.iter_bytes())
+    took = time.monotonic() - started
+    assert reply.status_code == 200
+    assert body.startswith(SSE_CHUNK)  # the piece the upstream sent came through first
+    last = json.loads(body[len(SSE_CHUNK) :].removeprefix(b"data: ").strip())
+    assert last["error"]["type"] == "upstream_error"
+    assert f"sent nothing for {SLEEP_S / 4:g} s (setting upstream_read_timeout_s)" in last["error"]["message"]
+    assert took < SLEEP_S, "the gateway waited for the upstream instead of ending the stream at the timeout"
+    request_id = reply.headers["x-request-id"]
+    gateway.stop()  # flushes the ledger
+    with sqlite3.connect(gateway.settings.keys_db) as db:
+        row = db.execute("SELECT outcome FROM usage_ledger WHERE request_id = ?", (request_id,)).fetchone()
+    assert row == ("upstream_error",)
 
 
 def test_a_client_leaving_a_non_streamed_request_closes_the_upstream_connection(upstream, gateway_factory):

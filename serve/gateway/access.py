@@ -85,10 +85,15 @@ def request_id_of(scope: Scope, ids: RequestIds) -> str:
     """The client's ``x-request-id`` when it is safe to log and forward, else a new one from ``ids``."""
     for name, value in scope["headers"]:
         if name == b"x-request-id":
-            candidate = value.decode("latin-1")
-            if _SAFE_ID.fullmatch(candidate):
-                return candidate
-            break
+            return safe_request_id(value.decode("latin-1"), ids)
+    return ids.new()
+
+
+def safe_request_id(candidate: str | None, ids: RequestIds) -> str:
+    """``candidate`` (the client's ``x-request-id``) when it is safe to log and forward: 1-128 letters,
+    digits and ``._:-``; else a new id from ``ids``."""
+    if candidate is not None and _SAFE_ID.fullmatch(candidate):
+        return candidate
     return ids.new()
 
 
@@ -140,16 +145,17 @@ class GatewayApp:
             await self.admin(scope, receive, send)
             return
         start = time.perf_counter()
-        request_id = request_id_of(scope, self.request_ids)
         path = scope["path"]
         route = self.routes.get(path)
         if route is not None and not route.local and scope["method"] == route.method:
-            passing = Call(request_id, route, start, time.time())
+            passing = Call("", route, start, time.time())
+            passing.request_id = safe_request_id(proxy.read_head(passing, scope["headers"]), self.request_ids)
             client = scope.get("client")
             if client:
                 passing.client_ip = client[0]
             await self._forward(route, scope, receive, send, passing)
             return
+        request_id = request_id_of(scope, self.request_ids)
         state: dict[str, Any] = {"status": 500, "bytes": 0, "started": False}
         id_header = (b"x-request-id", request_id.encode())
 

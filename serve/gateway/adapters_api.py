@@ -27,7 +27,15 @@ from starlette.types import Receive, Scope, Send
 
 from serve.adapters import check_adapter
 from serve.gateway.errors import GatewayError, send_error
-from serve.gateway.proxy import Call, ClientGone, Gateway, authenticate, read_body
+from serve.gateway.proxy import (
+    Call,
+    ClientGone,
+    Gateway,
+    authenticate,
+    declared_length,
+    presented_key,
+    read_body,
+)
 
 LOAD_PATH = "/v1/adapters/load"
 UNLOAD_PATH = "/v1/adapters/unload"
@@ -132,7 +140,7 @@ async def serve_adapters(gateway: Gateway, call: Call, scope: Scope, receive: Re
     adapters are off or the folder is missing, 400 for a bad name or failed checks, 409 for a name
     that is a served model or alias, 502 when vLLM refuses or does not apply it)."""
     try:
-        call.principal = principal = await authenticate(gateway, scope)
+        call.principal = principal = await authenticate(gateway, presented_key(scope))
         if not principal.policy.admin:
             raise GatewayError(
                 403,
@@ -148,7 +156,7 @@ async def serve_adapters(gateway: Gateway, call: Call, scope: Scope, receive: Re
                 code="adapters_off",
             )
         try:
-            obj = json.loads(await read_body(receive, scope, _MAX_BODY_BYTES) or b"null")
+            obj = json.loads(await read_body(receive, _MAX_BODY_BYTES, declared_length(scope)) or b"null")
         except ValueError:
             obj = None
         name = obj.get("name") if isinstance(obj, dict) else None

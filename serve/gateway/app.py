@@ -226,7 +226,13 @@ def create_app(settings: GatewaySettings) -> GatewayApp:
             if isinstance(limiter, LocalLimiter)
             else contextlib.nullcontext()
         )
-        async with _access_log_thread(), _every(FLUSH_INTERVAL_S, app.flush), leases:
+        watchdog = gateway.watchdog
+        async with (
+            _access_log_thread(),
+            _every(FLUSH_INTERVAL_S, app.flush),
+            _every(watchdog.tick_s, watchdog.sweep),
+            leases,
+        ):
             try:
                 yield
             finally:

@@ -12,7 +12,7 @@ from urllib.parse import parse_qs
 from starlette.types import Scope, Send
 
 from serve.gateway.errors import GatewayError, send_error
-from serve.gateway.proxy import Call, Gateway, authenticate
+from serve.gateway.proxy import Call, Gateway, authenticate, presented_key
 from serve.gateway.usage_report import totals, usage_rows
 
 
@@ -20,7 +20,7 @@ async def serve_usage(gateway: Gateway, call: Call, scope: Scope, send: Send) ->
     """Answer ``GET /v1/usage`` for the key on the request (401 without one, 403 for another key's usage
     asked by a non-admin, 400 for bad parameters)."""
     try:
-        call.principal = principal = await authenticate(gateway, scope)
+        call.principal = principal = await authenticate(gateway, presented_key(scope))
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         days_text = query.get("days", ["30"])[-1]
         if not days_text.isdigit() or not 1 <= int(days_text) <= 366:
