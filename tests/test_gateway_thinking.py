@@ -208,3 +208,51 @@ def test_models_listing_shows_the_exact_aliases_of_models_the_key_may_use(gatewa
     entries = {entry["id"]: entry for entry in reply.json()["data"]}
     assert set(entries) == {"team-a", "gpt-4o"}, entries  # no glob, no alias of a model it may not use
     assert entries["gpt-4o"]["root"] == "team-a"
+
+
+def test_requests_the_thinking_rules_cannot_change_are_rewritten_as_if_the_rules_ran(monkeypatch):
+    # proxy.rewrite skips the thinking rules where thinking.may_change says they change nothing: for
+    # every request, key and model here, the fields it sends upstream must be those of the full rules.
+    from types import SimpleNamespace
+
+    from serve.gateway import proxy, thinking
+    from serve.gateway.aliases import Aliases
+    from serve.gateway.routes import ROUTES
+    from serve.gateway.settings import GatewaySettings
+
+    settings = GatewaySettings(
+        non_thinking_sampling={"preset-model": NON_THINKING},
+        default_chat_template_kwargs={"defaults-model": {"enable_thinking": False}},
+    )
+    gateway = SimpleNamespace(settings=settings, aliases=Aliases({}))
+    routes = [r for r in ROUTES if r.path in (CHAT, MESSAGES)]
+    requests = [
+        {},
+        {"chat_template_kwargs": {"enable_thinking": False}},
+        {"chat_template_kwargs": {"enable_thinking": True}, "temperature": 0.1},
+        {"response_format": {"type": "json_schema", "json_schema": {}}},
+        {"response_format": {"type": "json_object"}},
+        {"thinking": {"type": "disabled"}},
+        {"thinking": {"type": "enabled", "budget_tokens": 2048}, "max_tokens": 4096},
+        {"thinking_token_budget": 10, "max_tokens": 100},
+    ]
+    policies = [{}, {"enable_thinking": False}, {"enable_thinking": True}, {"thinking_budget": 2000}]
+    skipped = 0
+    for route in routes:
+        for model in ("m", "preset-model", "defaults-model"):
+            for extra in requests:
+                for policy in policies:
+                    obj = {"model": model, "messages": [], **extra}
+                    principal = _principal(**policy)
+                    if not thinking.may_change(obj, route.thinking, principal.policy, model, settings):
+                        skipped += 1
+
+                    def rewritten(obj=obj, principal=principal, route=route, model=model) -> Any:
+                        call = proxy.Call("rid", route, 0.0, 0.0, principal=principal, model=model)
+                        return proxy.rewrite(gateway, call, json.loads(json.dumps(obj)))  # type: ignore[arg-type]
+
+                    fast = rewritten()
+                    with monkeypatch.context() as patched:
+                        patched.setattr(thinking, "may_change", lambda *args: True)
+                        assert rewritten() == fast, (route.path, model, extra, policy)
+    assert skipped > 0  # the fast path was taken somewhere, or this test proves nothing

@@ -261,3 +261,23 @@ def test_openai_and_anthropic_names_each_give_every_count():
     anthropic.feed_json({"usage": {"input_tokens": 5, "output_tokens": 7, "cache_read_input_tokens": 2}})
     assert (openai.prompt, openai.completion, openai.cached, openai.reasoning) == (12, 30, 8, 20)
     assert (anthropic.prompt, anthropic.completion, anthropic.cached, anthropic.reasoning) == (5, 7, 2, 0)
+
+
+def test_the_first_finish_reason_is_found_as_a_regex_search_finds_it():
+    from serve.gateway.usage import _FINISH, _first_finish
+
+    bodies = [
+        b'{"choices":[{"finish_reason":null},{"finish_reason":"length"}],"usage":{}}',
+        b'{"content":"say \\"finish_reason\\": \\"x\\"","choices":[{"finish_reason":"stop"}]}',
+        b'{"my_reason": "no", "stop_reason": "end_turn"}',
+        b'{"finish_reason": "tool_calls", "other_reason": "x"}',
+        b'{"finish_reason":"a_reason"}',
+        b'{"reason": "none here"}',
+        b"",
+    ]
+    for body in bodies:
+        expected = _FINISH.search(body)
+        found = _first_finish(body)
+        assert found is None if expected is None else found is not None
+        if expected is not None and found is not None:
+            assert (found.start(), found.group(1)) == (expected.start(), expected.group(1))

@@ -343,7 +343,9 @@ def rewrite(gateway: Gateway, call: Call, obj: dict[str, Any] | None) -> tuple[d
     if policy_id is not None:
         changes.update(_system_policy_fields(gateway, route, obj, policy_id))
         call.policy_id = policy_id
-    if route.thinking is not None:
+    if route.thinking is not None and thinking.may_change(
+        obj, route.thinking, call.principal.policy, call.model or "", gateway.settings
+    ):
         settings = gateway.settings
         model = call.model or ""
         if route.thinking == "chat":

@@ -29,7 +29,8 @@ from __future__ import annotations
 from typing import Any
 
 from serve.gateway.errors import GatewayError
-from serve.gateway.keys import Principal
+from serve.gateway.keys import KeyPolicy, Principal
+from serve.gateway.settings import GatewaySettings
 
 ANTHROPIC_MIN_BUDGET = 1024
 """The least ``thinking.budget_tokens`` the Anthropic Messages API accepts (vLLM's protocol enforces it)."""
@@ -45,6 +46,26 @@ ANTHROPIC_SAMPLING_FIELDS = frozenset({"temperature", "top_p", "top_k"})
 def _json_schema_format(obj: dict[str, Any]) -> bool:
     response_format = obj.get("response_format")
     return isinstance(response_format, dict) and response_format.get("type") == "json_schema"
+
+
+def may_change(
+    obj: dict[str, Any], kind: str, policy: KeyPolicy, model: str, settings: GatewaySettings
+) -> bool:
+    """Whether the thinking rules can change a request of route kind ``kind`` (``chat`` or
+    ``anthropic``) for a key with ``policy`` on ``model``; False lets the caller skip them.
+
+    They can only when the key sets ``enable_thinking`` or ``thinking_budget``, the gateway has
+    template defaults or a non-thinking preset for the model, or (chat) the request asks for a JSON
+    schema (thinking goes off). Otherwise ``chat_thinking`` and ``messages_thinking`` decide nothing the
+    request does not already say, and no preset applies (tests/test_gateway_thinking.py checks the two
+    agree)."""
+    return (
+        policy.enable_thinking is not None
+        or policy.thinking_budget is not None
+        or model in settings.non_thinking_sampling
+        or model in settings.default_chat_template_kwargs
+        or (kind == "chat" and _json_schema_format(obj))
+    )
 
 
 def chat_thinking(

@@ -65,6 +65,20 @@ def _event_bounds(events: bytes, pos: int) -> tuple[int, int]:
     return (0 if before < 0 else before + 2), (len(events) if after < 0 else after)
 
 
+def _first_finish(data: bytes) -> re.Match[bytes] | None:
+    """``_FINISH.search(data)``, reaching each candidate with a byte search for ``_reason"`` instead of
+    trying the pattern at every quote (0.5 us against 0.25 us on a 442-byte answer, more on longer
+    ones): every match starts at the quote before such a ``_reason"`` (a JSON string cannot hold an
+    unescaped quote)."""
+    pos = data.find(b'_reason"')
+    while pos >= 0:
+        found = _FINISH.match(data, data.rfind(b'"', 0, pos))
+        if found:
+            return found
+        pos = data.find(b'_reason"', pos + 8)
+    return None
+
+
 def _last_finish(events: bytes, tries: int = -1) -> tuple[str | None, bool]:
     """The last non-null finish (or stop) reason in ``events``, scanning back from the end (a whole
     answer's reason is in its last events; ``null`` ones are skipped), and whether that is decided.
@@ -197,10 +211,10 @@ class UsageCounter:
         top-level one: a quote inside a string value is escaped, so the marker cannot match there);
         otherwise (a Responses API body: its status, or thinking text to collect) the whole body is.
         """
-        if _MARKER not in body and not self.collect_thinking:
-            return
-        if not self.collect_thinking and self._feed_usage_tail(body):
-            return
+        if not self.collect_thinking:
+            pos = body.rfind(_MARKER)  # from the end: the usage object closes the body
+            if pos < 0 or self._feed_usage_tail(body, pos):
+                return
         try:
             obj = json.loads(body)
         except ValueError:
@@ -214,12 +228,14 @@ class UsageCounter:
             if isinstance(reason, str):
                 self.finish_reason = reason
 
-    def _feed_usage_tail(self, body: bytes) -> bool:
-        found = _FINISH.search(body)
+    def _feed_usage_tail(self, body: bytes, pos: int) -> bool:
+        """Take the usage object whose ``"usage"`` key is at ``pos`` and the body's first finish reason;
+        False (nothing taken) when the body has no finish reason or that object is not JSON."""
+        found = _first_finish(body)
         if found is None:
             return False
         try:
-            usage = _value_after(body, body.rfind(_MARKER))
+            usage = _value_after(body, pos)
         except ValueError:
             return False
         if isinstance(usage, dict):
