@@ -12,15 +12,16 @@ Two things happen to a request that runs long:
 A timer per request costs more than the sweep: asyncio's ``call_later`` and ``cancel`` take 0.67 us on
 uvloop (timed 2026-12-05), and aiohttp's own read timeout (``sock_read``) re-arms one on every piece the
 upstream sends: three timers per non-streamed request with the disconnect watch, one more per streamed
-piece. Here a request costs an append to a queue, a flag at its end, and a clock read per streamed piece;
-the sweep looks at the requests that have run longer than ``watch_after_s``.
+piece. Here a request costs an entry in a dict, removed at its end, and a clock read per streamed piece.
+A finished request is let go of at once: holding its objects until a sweep (a queue of every request of
+the last tick) kept ~400 requests' objects alive per worker under load, and the real server spent more
+CPU per request than with the timers (214 against 199 us, wrk at 64 clients, 4 alternating rounds).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from starlette.types import Message, Receive
@@ -56,21 +57,22 @@ class Watchdog:
         self.read_timeout_s = read_timeout_s
         self.watch_after_s = min(watch_after_s, read_timeout_s)
         self.tick_s = min(watch_after_s, read_timeout_s / 5)
-        # Requests in the order they were added, not yet watched: (call, receive, its task).
-        self._new: deque[tuple[Call, Receive, asyncio.Task[Any]]] = deque()
+        # Requests not yet watched, by id(call): (call, receive, its task).
+        self._young: dict[int, tuple[Call, Receive, asyncio.Task[Any]]] = {}
         self._watched: list[tuple[Call, asyncio.Task[Any]]] = []
 
     def add(self, call: Call, receive: Receive, task: asyncio.Task[Any]) -> None:
         """Watch ``call``, served by ``task``, from now on (after its body is read: the watcher takes
         over ``receive``); its upstream counts as silent from now."""
         call.upstream_at = time.perf_counter()
-        self._new.append((call, receive, task))
+        self._young[id(call)] = (call, receive, task)
 
-    @staticmethod
-    def release(call: Call) -> None:
+    def release(self, call: Call) -> None:
         """Stop watching ``call`` (its request is over)."""
         call.done = True
-        if call.watcher is not None:
+        if call.watcher is None:
+            del self._young[id(call)]
+        else:
             call.watcher.cancel()
 
     def sweep(self, now: float | None = None) -> None:
@@ -80,13 +82,12 @@ class Watchdog:
             now: ``time.perf_counter()`` seconds (the clock of ``Call.start`` and ``upstream_at``).
         """
         now = time.perf_counter() if now is None else now
-        new = self._new
         due = now - self.watch_after_s
-        while new and new[0][0].start <= due:  # in the order added: about the order they started
-            call, receive, task = new.popleft()
-            if not call.done:
-                call.watcher = asyncio.ensure_future(watch_disconnect(receive, call, task))
-                self._watched.append((call, task))
+        started = [key for key, (call, _, _) in self._young.items() if call.start <= due]
+        for key in started:
+            call, receive, task = self._young.pop(key)
+            call.watcher = asyncio.ensure_future(watch_disconnect(receive, call, task))
+            self._watched.append((call, task))
         if not self._watched:
             return
         silent = now - self.read_timeout_s
