@@ -596,50 +596,22 @@ async def _relay_stream(
     await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
-async def _end_for_shutdown(gateway: Gateway, call: Call, send: Send) -> None:
-    """Tell the client its request was cut short by a gateway shutdown: an error event ends a stream
-    (never a silent cut, which reads as a complete answer), a 503 with ``Retry-After`` answers a request
-    not yet answered. A response already sent whole needs nothing."""
-    message = "The gateway is shutting down; the answer is incomplete. Retry the request."
+async def _end_early(call: Call, send: Send, error: GatewayError, stream_message: str, reason: str) -> None:
+    """Tell the client its request ended before its answer (``reason``: ``shutdown``, ``timeout``): an
+    error event saying ``stream_message`` ends a stream (never a silent cut, which reads as a complete
+    answer), ``error`` answers a request not yet answered. A response already sent whole needs nothing."""
     try:
         if call.streaming and not call.finished:
             call.finished = True
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": stream_error_event(call.route.api, message),
-                    "more_body": False,
-                }
-            )
-        elif not call.response_started:
-            call.response_started = call.finished = True
-            call.status = 503
-            error = unavailable(
-                "the gateway is shutting down", gateway.settings.retry_after_s, "shutting_down"
-            )
-            await send_error(send, call.route.api, error, call.id_header)
-    except Exception as exc:  # the connection may be gone already: the ledger row still says shutdown
-        logger.warning("could not tell the client of %s about the shutdown: %r", call.request_id, exc)
-
-
-async def _end_for_timeout(gateway: Gateway, call: Call, send: Send) -> None:
-    """Tell the client the upstream was silent for the read timeout (the watchdog cancelled the
-    request): a 504 answers a request not yet answered, an error event ends a stream."""
-    gateway.metrics.upstream_errors.labels("timeout").inc()
-    call.outcome = "upstream_error"
-    error = timed_out(gateway.settings.upstream_read_timeout_s)
-    try:
-        if call.streaming and not call.finished:
-            call.finished = True
-            event = stream_error_event(call.route.api, error.message)
+            event = stream_error_event(call.route.api, stream_message)
             call.sent_bytes += len(event)
             await send({"type": "http.response.body", "body": event, "more_body": False})
         elif not call.response_started:
             call.response_started = call.finished = True
-            call.status = 504
+            call.status = error.status
             await send_error(send, call.route.api, error, call.id_header)
-    except Exception as exc:  # the connection may be gone already: the ledger row still says it timed out
-        logger.warning("could not tell the client of %s about the timeout: %r", call.request_id, exc)
+    except Exception as exc:  # the connection may be gone already: the ledger row still says why
+        logger.warning("could not tell the client of %s about the %s: %r", call.request_id, reason, exc)
 
 
 async def count_reasoning(gateway: Gateway, call: Call) -> None:
@@ -711,14 +683,11 @@ async def forward(
     """
     task = asyncio.current_task()
     assert task is not None
-    watchdog = gateway.watchdog
-    watched = False
     try:
         try:
             call.principal = await authenticate(gateway, call.presented)
             body = await read_body(receive, gateway.settings.max_body_bytes, call.declared_length)
-            watchdog.add(call, receive, task)
-            watched = True
+            gateway.watchdog.add(call, receive, task)
             obj = _request_object(body)
             if obj is not None:
                 model = obj.get("model")
@@ -743,20 +712,28 @@ async def forward(
     except asyncio.CancelledError:
         if call.client_gone:
             task.uncancel()
-        elif call.timed_out:
+        elif call.timed_out:  # the watchdog found the upstream silent for the read timeout
             task.uncancel()
-            await _end_for_timeout(gateway, call, send)
+            gateway.metrics.upstream_errors.labels("timeout").inc()
+            call.outcome = "upstream_error"
+            error = timed_out(gateway.settings.upstream_read_timeout_s)
+            await _end_early(call, send, error, error.message, "timeout")
         else:
             # The server is stopping and its grace period for in-flight requests is over.
             call.outcome = "shutdown"
-            await _end_for_shutdown(gateway, call, send)
+            await _end_early(
+                call,
+                send,
+                unavailable("the gateway is shutting down", gateway.settings.retry_after_s, "shutting_down"),
+                "The gateway is shutting down; the answer is incomplete. Retry the request.",
+                "shutdown",
+            )
             raise
     except Exception:
         call.outcome = "error"  # the gateway's own failure: access.py answers 500 and logs it
         raise
     finally:
-        if watched:
-            watchdog.release(call)
+        gateway.watchdog.release(call)
         if call.client_gone:
             call.outcome = "client_disconnect"
             call.status = 499  # nginx's "client closed request": what the ledger shows for it

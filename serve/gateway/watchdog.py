@@ -68,10 +68,11 @@ class Watchdog:
         self._young[id(call)] = (call, receive, task)
 
     def release(self, call: Call) -> None:
-        """Stop watching ``call`` (its request is over)."""
+        """Stop watching ``call`` (its request is over; one never added, say refused before its body was
+        read, needs nothing)."""
         call.done = True
         if call.watcher is None:
-            del self._young[id(call)]
+            self._young.pop(id(call), None)
         else:
             call.watcher.cancel()
 
